@@ -1,0 +1,245 @@
+"""Safe, strict primitives shared by every checkpoint reader.
+
+* :func:`resolve_local_path` refuses hub ids and missing paths before anything is read.
+* :func:`load_torch_file` reads pickled torch files with ``weights_only=True``; anything that
+  needs arbitrary unpickling is refused unless the caller consents with
+  ``trust_checkpoint=True``.
+* :func:`load_safetensors_file` reads ``.safetensors`` (never executes code).
+* :func:`load_state_dict_strict` loads a renamed state dict into a module and reports every
+  missing, unexpected and mis-shaped key at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scfm.errors import (
+    CheckpointFormatError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "resolve_local_path",
+    "load_torch_file",
+    "load_safetensors_file",
+    "load_state_dict_strict",
+    "load_pickle_dict",
+]
+
+
+def resolve_local_path(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """Return ``path`` as an existing local :class:`~pathlib.Path`.
+
+    scfm never downloads: a hub id such as ``"ctheodoris/Geneformer"`` that is not a local
+    path is refused with a message that says how to get the files.
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        If the path does not exist.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if p.exists():
+        return p
+    text = os.fspath(path)
+    looks_like_hub_id = "://" in text or (text.count("/") == 1 and not text.startswith((".", "/")))
+    hint = (
+        " scfm reads local files only and never downloads; download the release files "
+        "(e.g. with `huggingface-cli download` or from the model's release page) and pass "
+        "the local directory."
+        if looks_like_hub_id
+        else " Pass the directory (or file) holding the released checkpoint."
+    )
+    raise CheckpointNotFoundError(f"The {what} path {text!r} does not exist.{hint}")
+
+
+def _check_nonempty(path: Path) -> None:
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointFormatError(
+            f"Checkpoint file {str(path)!r} is empty (0 bytes). The download was probably "
+            "interrupted: download it again."
+        )
+
+
+def load_torch_file(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> Any:
+    """Read a file written by :func:`torch.save` safely, on CPU.
+
+    Parameters
+    ----------
+    path
+        The file.
+    trust_checkpoint
+        Only if ``True`` and the file cannot be read with ``weights_only=True`` (it contains
+        pickled Python objects), fall back to full unpickling. Unpickling can execute
+        arbitrary code: pass ``True`` only for files from a source you trust.
+
+    Raises
+    ------
+    CheckpointFormatError
+        If the file is empty, truncated or not a torch file.
+    UnsafeCheckpointError
+        If the file needs full unpickling and ``trust_checkpoint`` is ``False``.
+    """
+    p = resolve_local_path(path)
+    _check_nonempty(p)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refused a global: the file holds Python objects beyond tensors.
+        if not trust_checkpoint:
+            raise UnsafeCheckpointError(
+                f"{str(p)!r} contains pickled Python objects that torch refuses to load "
+                f"safely ({str(err).splitlines()[0][:200]}). Loading it could execute code. "
+                "If you trust its source, pass trust_checkpoint=True."
+            ) from None
+        logger.warning("Unpickling %s with weights_only=False (trust_checkpoint=True).", p)
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointFormatError(
+            f"{str(p)!r} is not a readable torch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}). The file is "
+            "truncated, corrupted or of another format: download it again."
+        ) from None
+
+
+def load_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file into a dict of CPU tensors.
+
+    Raises
+    ------
+    CheckpointFormatError
+        If the file is empty, truncated or not safetensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = resolve_local_path(path)
+    _check_nonempty(p)
+    try:
+        return load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointFormatError(
+            f"{str(p)!r} is not a readable safetensors file ({err}). The file is truncated "
+            "or corrupted: download it again."
+        ) from None
+
+
+def load_pickle_dict(path: str | os.PathLike, *, what: str = "dictionary") -> dict:
+    """Read a pickled vocabulary dictionary (``.pkl``) with a restricted unpickler.
+
+    Only builtin containers, strings, numbers and numpy scalars / arrays are allowed, so a
+    malicious pickle cannot execute code.
+
+    Raises
+    ------
+    CheckpointFormatError
+        If the file is not a pickled dict of plain data.
+    """
+    p = resolve_local_path(path, what=what)
+    _check_nonempty(p)
+    try:
+        with open(p, "rb") as fh:
+            obj = _RestrictedUnpickler(fh).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
+        raise CheckpointFormatError(
+            f"The {what} {str(p)!r} cannot be read as a plain pickled dictionary ({err}). "
+            "Pass the file shipped with the model release."
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(
+            f"The {what} {str(p)!r} holds a {type(obj).__name__}, not a dict. Pass the "
+            "file shipped with the model release."
+        )
+    return obj
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only reconstructs plain data (dict/list/str/int/float, numpy scalars)."""
+
+    _allowed = {
+        ("builtins", "dict"),
+        ("builtins", "list"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "tuple"),
+        ("builtins", "str"),
+        ("builtins", "int"),
+        ("builtins", "float"),
+        ("builtins", "bool"),
+        ("collections", "OrderedDict"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def load_state_dict_strict(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    what: str = "checkpoint",
+    ignore_unexpected: Iterable[str] = (),
+    allow_missing: Iterable[str] = (),
+) -> None:
+    """Copy ``state_dict`` into ``module``, reporting every problem at once.
+
+    Parameters
+    ----------
+    module
+        The target module.
+    state_dict
+        Tensors already renamed to the module's parameter / buffer names.
+    what
+        Name of the source, used in the error message.
+    ignore_unexpected
+        Exact checkpoint keys that are known to be unused (e.g. ``position_ids`` buffers);
+        they are dropped silently.
+    allow_missing
+        Exact module keys that may be absent (e.g. non-persistent or derived tensors).
+
+    Raises
+    ------
+    CheckpointKeyError
+        Listing every missing, unexpected and mis-shaped key.
+    """
+    ignore = set(ignore_unexpected)
+    optional = set(allow_missing)
+    target = module.state_dict()
+    provided = {k: v for k, v in state_dict.items() if k not in ignore}
+    missing = sorted(k for k in target if k not in provided and k not in optional)
+    unexpected = sorted(k for k in provided if k not in target)
+    mismatched = [
+        (k, tuple(v.shape), tuple(target[k].shape))
+        for k, v in provided.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointKeyError(
+            f"The weights in {what} do not fit {type(module).__name__}.",
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+        )
+    module.load_state_dict(
+        {k: v for k, v in provided.items() if k in target}, strict=not optional
+    )

@@ -1,0 +1,471 @@
+"""The behaviour every scfm model shares, as a mixin for scvi-tools' ``BaseModelClass``.
+
+A model class is assembled like scvi-tools' own models::
+
+    class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
+        _model_name = "geneformer"
+        ...
+
+and implements a few small hooks:
+
+* ``_from_pretrained(path, adata, **kwargs)`` (classmethod): read the original release files,
+  build the model with ``cls(adata, ...)`` and load the weights strictly.
+* ``_latent_minibatch(tensors, **kwargs) -> Tensor`` : one minibatch of cell embeddings.
+* ``_gene_embedding_minibatch(tensors, **kwargs) -> (vocab_ids, embeddings)`` : flattened
+  (vocabulary index, contextual embedding) pairs of one minibatch; the mixin averages them
+  per gene over all cells. ``_vocab_names()`` gives the gene id of each vocabulary index.
+* optionally ``_minibatch_indices(adata, indices, batch_size)`` : how cells are grouped into
+  minibatches (e.g. by length to trim padding, or by sentence for CellPLM). Whatever the
+  grouping, rows come back in the order of ``indices``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from tqdm.auto import tqdm
+
+from scfm.data._genes import GeneAlignment
+from scfm.data._validation import check_anndata, check_counts, check_obs_keys
+from scfm.errors import InvalidInputError, NotSetupError
+from scfm.io._common import resolve_local_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FoundationModelMixin", "record_in_uns"]
+
+#: Top-level ``adata.uns`` key under which scfm records what it wrote.
+UNS_KEY = "scfm"
+
+
+def record_in_uns(adata: ad.AnnData, section: str, key: str, info: dict[str, Any]) -> None:
+    """Store ``info`` as ``adata.uns["scfm"][section][key]`` (h5ad-writable values only)."""
+    root = adata.uns.setdefault(UNS_KEY, {})
+    root.setdefault(section, {})[key] = {
+        k: (v if isinstance(v, str | int | float | bool) else str(v))
+        for k, v in info.items()
+        if v is not None
+    }
+
+
+class FoundationModelMixin:
+    """Shared user API of scfm models: loading, embeddings, ``key_added`` writers.
+
+    Subclasses set :attr:`_model_name` and implement the hooks listed in the module
+    docstring. The class must also derive from :class:`scvi.model.base.BaseModelClass`.
+    """
+
+    #: Lower-case model name: CLI name and default key suffix (``X_<name>``).
+    _model_name: ClassVar[str] = ""
+    #: Minibatch size used when the caller passes none.
+    _default_batch_size: ClassVar[int] = 32
+    #: Whether ``setup_anndata`` requires raw integer counts.
+    _requires_counts: ClassVar[bool] = True
+
+    # Instance attributes filled by ``from_pretrained`` / ``__init__``.
+    _checkpoint_path: str | None = None
+    gene_alignment: GeneAlignment | None = None
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def _validate_adata_for_setup(
+        cls,
+        adata: ad.AnnData,
+        layer: str | None,
+        obs_keys: Sequence[tuple[str, str | None]] = (),
+    ) -> None:
+        """Run every input check ``setup_anndata`` needs, before anything is registered."""
+        check_anndata(adata)
+        if layer is not None or cls._requires_counts:
+            # get_matrix inside check_counts validates the layer name
+            if cls._requires_counts:
+                check_counts(adata, layer)
+            else:
+                from scfm.data._validation import get_matrix
+
+                get_matrix(adata, layer)
+        check_obs_keys(adata, obs_keys)
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: ad.AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        gene_id_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData of raw counts with the model.
+
+        Parameters
+        ----------
+        adata
+            AnnData of raw counts (cells x genes).
+        layer
+            Layer holding the raw counts; ``None`` uses ``adata.X``.
+        batch_key
+            Categorical ``adata.obs`` column with the batch / sample of each cell.
+        labels_key
+            Categorical ``adata.obs`` column with cell labels (for fine-tuning).
+        gene_id_key
+            Column of ``adata.var`` with the gene ids the model's vocabulary uses; ``None``
+            uses ``adata.var_names``.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Notes
+        -----
+        Writes the scvi-tools registration keys ``adata.uns["_scvi_uuid"]``,
+        ``adata.uns["_scvi_manager_uuid"]``, ``adata.obs["_scvi_batch"]`` and
+        ``adata.obs["_scvi_labels"]``; nothing else of ``adata`` is changed.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        cls._validate_adata_for_setup(
+            adata, layer, [("batch_key", batch_key), ("labels_key", labels_key)]
+        )
+        if gene_id_key is not None and gene_id_key not in adata.var.columns:
+            from scfm.errors import AnnDataKeyError
+
+            raise AnnDataKeyError(
+                f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: "
+                f"{', '.join(map(str, adata.var.columns)) or 'none'})."
+            )
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=cls._requires_counts),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    @property
+    def setup_args(self) -> dict[str, Any]:
+        """The arguments ``setup_anndata`` was called with."""
+        return dict(self.adata_manager.registry.get("setup_args", {}))
+
+    @classmethod
+    def _require_setup(cls, adata: ad.AnnData) -> None:
+        try:
+            cls._get_most_recent_anndata_manager(adata, required=True)
+        except ValueError:
+            raise NotSetupError(
+                f"The AnnData is not set up for {cls.__name__}. Call "
+                f"scfm.model.{cls.__name__}.setup_anndata(adata, ...) first."
+            ) from None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, adata: ad.AnnData, **kwargs: Any
+    ) -> FoundationModelMixin:
+        """Build the model from the ORIGINAL release files of a checkpoint.
+
+        Parameters
+        ----------
+        path
+            Local directory or file of the released checkpoint. Nothing is downloaded.
+        adata
+            AnnData registered with ``setup_anndata``; its genes are aligned to the model's
+            vocabulary and the match is reported in ``adata.uns["scfm"]``.
+        **kwargs
+            Model-specific options (see the model class).
+
+        Returns
+        -------
+        The model in eval mode with the checkpoint's weights.
+
+        Raises
+        ------
+        CheckpointNotFoundError
+            If ``path`` does not exist.
+        NotSetupError
+            If ``adata`` was not registered with ``setup_anndata``.
+        """
+        local = resolve_local_path(path)
+        cls._require_setup(adata)
+        model = cls._from_pretrained(local, adata, **kwargs)
+        model._checkpoint_path = str(local)
+        model.is_trained_ = True
+        model.module.eval()
+        model._refresh_summary()
+        return model
+
+    @classmethod
+    def _from_pretrained(cls, path, adata: ad.AnnData, **kwargs: Any):  # pragma: no cover
+        raise NotImplementedError(f"{cls.__name__} does not define _from_pretrained")
+
+    def _set_gene_alignment(self, adata: ad.AnnData, alignment: GeneAlignment) -> None:
+        """Remember the gene alignment and report it in ``adata.uns["scfm"]``."""
+        self.gene_alignment = alignment
+        record_in_uns(adata, "gene_alignment", self._model_name, alignment.to_dict())
+        self._refresh_summary()
+
+    def _refresh_summary(self) -> None:
+        parts = [f"{type(self).__name__} ({self._model_name})"]
+        if self._checkpoint_path is not None:
+            parts.append(f"checkpoint: {self._checkpoint_path}")
+        else:
+            parts.append("randomly initialised")
+        if self.gene_alignment is not None:
+            parts.append(str(self.gene_alignment))
+        n_params = sum(p.numel() for p in self.module.parameters())
+        parts.append(f"{n_params:,} parameters")
+        self._model_summary_string = "; ".join(parts)
+
+    # ------------------------------------------------------------------ iteration
+    def _minibatch_indices(
+        self, adata: ad.AnnData, indices: np.ndarray, batch_size: int
+    ) -> list[np.ndarray]:
+        """Group ``indices`` into minibatches (default: consecutive chunks)."""
+        return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+    def _resolve_indices(
+        self, adata: ad.AnnData, indices: Sequence[int] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Validate ``indices``; return the sorted unique cells and the map back to ``indices``."""
+        if indices is None:
+            unique = np.arange(adata.n_obs)
+            return unique, unique
+        arr = np.asarray(indices)
+        if arr.dtype == bool:
+            arr = np.flatnonzero(arr)
+        if (
+            arr.ndim != 1
+            or not np.issubdtype(arr.dtype, np.integer)
+            or (len(arr) and (arr.min() < 0 or arr.max() >= adata.n_obs))
+        ):
+            raise InvalidInputError(
+                f"indices must be a 1-d array of cell positions in [0, {adata.n_obs})."
+            )
+        unique, inverse = np.unique(arr.astype(np.int64), return_inverse=True)
+        return unique, inverse
+
+    def _iterate(
+        self,
+        adata: ad.AnnData,
+        cells: np.ndarray,
+        batch_size: int | None,
+        desc: str,
+        progress_bar: bool = True,
+    ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """Yield ``(positions, tensors)`` per minibatch; positions index into ``cells``.
+
+        ``cells`` are sorted unique cell positions in ``adata``.
+        """
+        batch_size = int(batch_size or self._default_batch_size)
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}.")
+        groups = self._minibatch_indices(adata, cells, batch_size)
+        for group in tqdm(groups, desc=desc, unit="batch", disable=not progress_bar):
+            # Sorted reads are required for backed AnnData and make the row order explicit.
+            group = np.sort(np.asarray(group, dtype=np.int64))
+            loader = self._make_data_loader(
+                adata=adata, indices=group, batch_size=len(group), shuffle=False
+            )
+            tensors = next(iter(loader))
+            yield np.searchsorted(cells, group), tensors
+
+    # ------------------------------------------------------------------ embeddings
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        *,
+        progress_bar: bool = True,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Cell embeddings, exactly as the reference model defines them.
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the model's; ``None`` uses the model's AnnData.
+        indices
+            Cells to embed (positions); ``None`` embeds all.
+        batch_size
+            Cells per minibatch.
+        progress_bar
+            Show a progress bar.
+        **kwargs
+            Model-specific options (pooling, layer, ...).
+
+        Returns
+        -------
+        Array of shape ``(len(indices), n_latent)``, rows in the order of ``indices``.
+        """
+        adata = self._validate_anndata(adata)
+        cells, inverse = self._resolve_indices(adata, indices)
+        self.module.eval()
+        out: np.ndarray | None = None
+        for positions, tensors in self._iterate(
+            adata, cells, batch_size, f"{self._model_name} embeddings", progress_bar
+        ):
+            z = self._latent_minibatch(tensors, **kwargs).detach().float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(cells), z.shape[1]), dtype=np.float32)
+            out[positions] = z
+        if out is None:
+            raise InvalidInputError("No cells selected: pass at least one index.")
+        return out[inverse]
+
+    def _latent_minibatch(self, tensors: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    @torch.inference_mode()
+    def get_gene_embeddings(
+        self,
+        adata: ad.AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        *,
+        progress_bar: bool = True,
+        **kwargs: Any,
+    ) -> pd.DataFrame:
+        """Gene embeddings: each gene's contextual embedding averaged over the cells.
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the model's; ``None`` uses the model's AnnData.
+        indices
+            Cells to average over; ``None`` uses all.
+        batch_size
+            Cells per minibatch.
+        progress_bar
+            Show a progress bar.
+        **kwargs
+            Model-specific options.
+
+        Returns
+        -------
+        DataFrame indexed by gene id (the model vocabulary's ids), one row per gene seen in
+        at least one cell, sorted by id.
+        """
+        adata = self._validate_anndata(adata)
+        cells, _ = self._resolve_indices(adata, indices)
+        self.module.eval()
+        sums: torch.Tensor | None = None
+        counts: torch.Tensor | None = None
+        for _, tensors in self._iterate(
+            adata, cells, batch_size, f"{self._model_name} gene embeddings", progress_bar
+        ):
+            ids, emb = self._gene_embedding_minibatch(tensors, **kwargs)
+            ids = ids.reshape(-1).cpu()
+            emb = emb.reshape(len(ids), -1).double().cpu()
+            if sums is None:
+                n_vocab = len(self._vocab_names())
+                sums = torch.zeros(n_vocab, emb.shape[1], dtype=torch.float64)
+                counts = torch.zeros(n_vocab, dtype=torch.float64)
+            sums.index_add_(0, ids, emb)
+            counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+        if sums is None or counts is None:
+            raise InvalidInputError("No cells selected: pass at least one index.")
+        seen = torch.nonzero(counts > 0).squeeze(1)
+        means = (sums[seen] / counts[seen, None]).float().numpy()
+        names = np.asarray(self._vocab_names(), dtype=object)[seen.numpy()]
+        frame = pd.DataFrame(means, index=pd.Index(names, name="gene_id"))
+        return frame.sort_index()
+
+    def _gene_embedding_minibatch(
+        self, tensors: dict[str, torch.Tensor], **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _vocab_names(self) -> Sequence[str]:
+        raise NotImplementedError  # pragma: no cover
+
+    # ------------------------------------------------------------------ key_added writers
+    @property
+    def default_key(self) -> str:
+        """Default ``key_added``: ``"X_<model name>"``."""
+        return f"X_{self._model_name}"
+
+    def embed(
+        self,
+        adata: ad.AnnData | None = None,
+        key_added: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write cell embeddings to ``adata.obsm[key_added]`` (scanpy style).
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the model's; ``None`` uses the model's AnnData.
+        key_added
+            ``.obsm`` key; default ``"X_<model name>"``. The call's parameters are recorded
+            in ``adata.uns["scfm"]["obsm"][key_added]``.
+        **kwargs
+            Passed to :meth:`get_latent_representation`.
+        """
+        target = self._validate_anndata(adata)
+        key = key_added or self.default_key
+        z = self.get_latent_representation(target, **kwargs)
+        target.obsm[key] = z
+        record_in_uns(target, "obsm", key, self._provenance(kwargs))
+
+    def embed_genes(
+        self,
+        adata: ad.AnnData | None = None,
+        key_added: str | None = None,
+        **kwargs: Any,
+    ) -> pd.DataFrame:
+        """Write gene embeddings to ``adata.varm[key_added]``, aligned to ``adata.var_names``.
+
+        Genes the model does not know (or that are never expressed) get ``NaN`` rows.
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the model's; ``None`` uses the model's AnnData.
+        key_added
+            ``.varm`` key; default ``"X_<model name>"``.
+        **kwargs
+            Passed to :meth:`get_gene_embeddings`.
+
+        Returns
+        -------
+        The gene embedding DataFrame (indexed by vocabulary gene id).
+        """
+        target = self._validate_anndata(adata)
+        key = key_added or self.default_key
+        genes = self.get_gene_embeddings(target, **kwargs)
+        target.varm[key] = self._align_gene_frame(target, genes)
+        record_in_uns(target, "varm", key, self._provenance(kwargs))
+        return genes
+
+    def _align_gene_frame(self, adata: ad.AnnData, genes: pd.DataFrame) -> np.ndarray:
+        """Rows of ``genes`` (indexed by vocabulary id) in ``adata.var`` order, NaN if absent."""
+        out = np.full((adata.n_vars, genes.shape[1]), np.nan, dtype=np.float32)
+        alignment = self.gene_alignment
+        if alignment is None:
+            raise InvalidInputError("The model has no gene alignment; load it first.")
+        vocab = np.asarray(self._vocab_names(), dtype=object)
+        row_of = {g: i for i, g in enumerate(genes.index)}
+        values = genes.to_numpy(dtype=np.float32)
+        for var_pos, vocab_pos in zip(alignment.var_index, alignment.vocab_index):
+            row = row_of.get(vocab[vocab_pos])
+            if row is not None:
+                out[var_pos] = values[row]
+        return out
+
+    def _provenance(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        info: dict[str, Any] = {"model": type(self).__name__}
+        if self._checkpoint_path is not None:
+            info["checkpoint"] = self._checkpoint_path
+        info.update({k: v for k, v in kwargs.items() if isinstance(v, str | int | float | bool)})
+        return info

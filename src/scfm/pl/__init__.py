@@ -1,0 +1,3 @@
+"""Plots of scfm results (matplotlib / scanpy style)."""
+
+__all__: list[str] = []
