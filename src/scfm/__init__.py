@@ -2,11 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, errors, io, model, module, nn, pl, tl
+from . import data, datasets, errors, io, model, module, nn, pl, tl
 
 try:
     __version__ = version("scfm")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["data", "errors", "io", "model", "module", "nn", "pl", "tl", "__version__"]
+__all__ = ["data", "datasets", "errors", "io", "model", "module", "nn", "pl", "tl", "__version__"]

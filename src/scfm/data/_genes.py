@@ -324,12 +324,13 @@ def align_genes(
     )
     if alignment.n_matched < min_genes:
         example = "ENSG00000141510" if id_type == "ensembl" else "TP53"
+        label = "Ensembl" if id_type == "ensembl" else "gene symbol"
         other = "symbols" if id_type == "ensembl" else "Ensembl ids"
         raise GeneVocabularyError(
             f"{alignment.n_matched} of {len(ids)} genes in adata.{source} match the "
-            f"{model_name} vocabulary ({id_type} ids expected, e.g. {example}; your ids look "
+            f"{model_name} vocabulary ({label} ids expected, e.g. {example}; your ids look "
             f"like {given} ids, e.g. {', '.join(map(str, ids[:3]))}). Pass "
-            f"gene_id_key='<column of adata.var with {id_type} ids>' to setup_anndata, or map "
+            f"gene_id_key='<column of adata.var with {label} ids>' to setup_anndata, or map "
             f"{other} with scfm.data.map_gene_ids(adata.var_names, to={id_type!r})."
         )
     logger.info("%s: %s", model_name, alignment)

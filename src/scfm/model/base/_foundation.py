@@ -264,7 +264,7 @@ class FoundationModelMixin:
 
         ``cells`` are sorted unique cell positions in ``adata``.
         """
-        batch_size = int(batch_size or self._default_batch_size)
+        batch_size = self._default_batch_size if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}.")
         groups = self._minibatch_indices(adata, cells, batch_size)

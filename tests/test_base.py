@@ -1,0 +1,215 @@
+"""The shared model mixin, checked through a tiny model defined here.
+
+The toy model embeds a cell as ``W @ log1p(counts of matched genes)`` and a gene in a cell as
+``log1p(count) * W[:, gene]``, so every number the mixin returns can be recomputed with numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import data_file
+from scvi import REGISTRY_KEYS
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+
+import anndata as ad
+import scfm
+from scfm.errors import CheckpointNotFoundError, InvalidInputError, NotSetupError
+from scfm.model.base import FoundationModelMixin
+
+
+class _ToyModule(BaseModuleClass):
+    def __init__(self, n_vocab: int, n_latent: int, var_to_vocab: np.ndarray):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_latent, n_vocab))
+        self.register_buffer("var_to_vocab", torch.as_tensor(var_to_vocab), persistent=False)
+
+    def _get_inference_input(self, tensors):
+        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+
+    @auto_move_data
+    def inference(self, x):
+        keep = self.var_to_vocab >= 0
+        z = torch.log1p(x[:, keep]) @ self.weight[:, self.var_to_vocab[keep]].T
+        return {"z": z}
+
+    def _get_generative_input(self, tensors, inference_outputs):
+        return {}
+
+    def generative(self):
+        return {}
+
+    def loss(self, tensors, inference_outputs, generative_outputs):
+        loss = inference_outputs["z"].pow(2).mean()
+        return LossOutput(loss=loss)
+
+
+class ToyModel(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    _model_name = "toy"
+    _default_batch_size = 7
+
+    def __init__(self, adata, vocab: list[str], n_latent: int = 4):
+        super().__init__(adata)
+        alignment = scfm.data.align_genes(adata.var, vocab, id_type="symbol", model_name="toy")
+        torch.manual_seed(0)
+        self.module = _ToyModule(len(vocab), n_latent, alignment.var_to_vocab())
+        self._set_gene_alignment(adata, alignment)
+        self.init_params_ = self._get_init_params(locals())
+
+    @classmethod
+    def _from_pretrained(cls, path, adata, n_latent: int = 4):
+        vocab = (path / "vocab.txt").read_text().split()
+        model = cls(adata, vocab=vocab, n_latent=n_latent)
+        model.module.weight.data = torch.load(path / "weight.pt", weights_only=True)
+        return model
+
+    def _latent_minibatch(self, tensors, **kwargs):
+        return self.module.inference(tensors[REGISTRY_KEYS.X_KEY])["z"]
+
+    def _gene_embedding_minibatch(self, tensors, **kwargs):
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        cell, var = torch.nonzero(x, as_tuple=True)
+        vocab = self.module.var_to_vocab[var]
+        keep = vocab >= 0
+        cell, var, vocab = cell[keep], var[keep], vocab[keep]
+        emb = torch.log1p(x[cell, var])[:, None] * self.module.weight[:, vocab].T
+        return vocab, emb
+
+    def _vocab_names(self):
+        return self.init_params_["non_kwargs"]["vocab"]
+
+
+class ShuffledGroupsToy(ToyModel):
+    """Groups cells in a scrambled order, as length-sorting models do."""
+
+    def _minibatch_indices(self, adata, cells, batch_size):
+        rng = np.random.default_rng(1)
+        perm = rng.permutation(cells)
+        return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+
+
+@pytest.fixture
+def pbmc():
+    adata = ad.read_h5ad(data_file("pbmc68k_reduced_counts.h5ad"))
+    return adata[:60].copy()
+
+
+@pytest.fixture
+def vocab(pbmc):
+    # every other gene of the data plus genes the data does not have
+    return ["<pad>", *pbmc.var_names[::2], "NOTAGENE1", "NOTAGENE2"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path, vocab):
+    path = tmp_path / "toy_ckpt"
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(vocab))
+    torch.manual_seed(3)
+    torch.save(torch.randn(4, len(vocab)), path / "weight.pt")
+    return path
+
+
+def _numpy_latent(adata, vocab, weight):
+    x = np.asarray(adata.X.todense()) if sp.issparse(adata.X) else adata.X
+    pos = {g: i for i, g in enumerate(vocab)}
+    cols = [i for i, g in enumerate(adata.var_names) if g in pos]
+    w = weight[:, [pos[adata.var_names[i]] for i in cols]]
+    return np.log1p(x[:, cols]) @ w.T
+
+
+def test_latent_matches_numpy_in_adata_order(pbmc, checkpoint, vocab):
+    ShuffledGroupsToy.setup_anndata(pbmc)
+    model = ShuffledGroupsToy.from_pretrained(checkpoint, pbmc)
+    expected = _numpy_latent(pbmc, vocab, model.module.weight.detach().numpy())
+    z = model.get_latent_representation(progress_bar=False)
+    np.testing.assert_allclose(z, expected, atol=1e-5, rtol=0)
+    # any batch size, any subset order, duplicates: rows follow `indices`
+    idx = np.array([5, 3, 59, 3, 0])
+    z_sub = model.get_latent_representation(indices=idx, batch_size=2, progress_bar=False)
+    np.testing.assert_allclose(z_sub, expected[idx], atol=1e-5, rtol=0)
+    mask = np.zeros(pbmc.n_obs, dtype=bool)
+    mask[[1, 4]] = True
+    np.testing.assert_allclose(
+        model.get_latent_representation(indices=mask, progress_bar=False), expected[[1, 4]],
+        atol=1e-5,
+    )
+
+
+def test_bad_indices_and_batch_size(pbmc, checkpoint):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    with pytest.raises(InvalidInputError, match="indices"):
+        model.get_latent_representation(indices=[0, pbmc.n_obs], progress_bar=False)
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        model.get_latent_representation(batch_size=0, progress_bar=False)
+
+
+def test_gene_embeddings_are_means_over_cells(pbmc, checkpoint, vocab):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    genes = model.get_gene_embeddings(progress_bar=False)
+    weight = model.module.weight.detach().numpy()
+    x = np.asarray(pbmc.X.todense())
+    g = vocab[1]  # first data gene in the vocabulary
+    col = list(pbmc.var_names).index(g)
+    expressed = x[:, col] > 0
+    expected = np.log1p(x[expressed, col]).mean() * weight[:, vocab.index(g)]
+    assert list(genes.index) == sorted(genes.index)
+    assert "NOTAGENE1" not in genes.index
+    np.testing.assert_allclose(genes.loc[g].to_numpy(), expected, atol=1e-5, rtol=0)
+
+
+def test_key_added_writers_touch_only_documented_keys(pbmc, checkpoint):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    before_obs = pbmc.obs.copy()
+    before_x = pbmc.X.copy()
+    model.embed(key_added="X_mine", progress_bar=False)
+    genes = model.embed_genes(progress_bar=False)
+    assert pbmc.obsm["X_mine"].shape == (pbmc.n_obs, 4)
+    assert pbmc.uns["scfm"]["obsm"]["X_mine"]["model"] == "ToyModel"
+    varm = pbmc.varm["X_toy"]
+    assert varm.shape == (pbmc.n_vars, 4)
+    # genes outside the vocabulary get NaN rows; known ones equal the DataFrame rows
+    assert np.isnan(varm[1]).all()
+    np.testing.assert_allclose(varm[0], genes.loc[pbmc.var_names[0]].to_numpy(), atol=1e-6)
+    pd.testing.assert_frame_equal(pbmc.obs, before_obs)
+    assert (pbmc.X != before_x).nnz == 0
+    # the result is writable as h5ad
+    pbmc.write_h5ad(checkpoint / "out.h5ad")
+
+
+def test_repr_reports_checkpoint_and_gene_match(pbmc, checkpoint, vocab):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    summary = model._model_summary_string
+    assert str(checkpoint) in summary
+    n_matched = len(pbmc.var_names[::2])
+    assert f"{n_matched} of {pbmc.n_vars} genes matched" in summary
+    report = pbmc.uns["scfm"]["gene_alignment"]["toy"]
+    assert report["n_matched"] == n_matched
+    assert report["n_vars"] == pbmc.n_vars
+
+
+def test_save_load_round_trip(pbmc, checkpoint, tmp_path):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    z = model.get_latent_representation(progress_bar=False)
+    model.save(tmp_path / "saved", overwrite=True)
+    loaded = ToyModel.load(tmp_path / "saved", adata=pbmc)
+    np.testing.assert_array_equal(loaded.get_latent_representation(progress_bar=False), z)
+
+
+def test_from_pretrained_errors(pbmc, checkpoint, tmp_path):
+    with pytest.raises(NotSetupError, match="setup_anndata"):
+        ToyModel.from_pretrained(checkpoint, pbmc)
+    ToyModel.setup_anndata(pbmc)
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        ToyModel.from_pretrained(tmp_path / "missing", pbmc)
+    with pytest.raises(CheckpointNotFoundError, match="never downloads"):
+        ToyModel.from_pretrained("ctheodoris/Geneformer", pbmc)

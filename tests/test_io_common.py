@@ -1,0 +1,101 @@
+"""Safe and strict checkpoint primitives."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from scfm.errors import (
+    CheckpointFormatError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
+    UnsafeCheckpointError,
+)
+from scfm.io import (
+    load_pickle_dict,
+    load_safetensors_file,
+    load_state_dict_strict,
+    load_torch_file,
+    resolve_local_path,
+)
+
+
+class _Payload:
+    """Unpickling this runs code (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_torch_file_with_objects_needs_consent(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"weights": torch.ones(2), "config": _Config()}, path)
+    with pytest.raises(UnsafeCheckpointError, match="trust_checkpoint=True"):
+        load_torch_file(path)
+    loaded = load_torch_file(path, trust_checkpoint=True)
+    assert torch.equal(loaded["weights"], torch.ones(2))
+
+
+class _Config:
+    pass
+
+
+def test_code_executing_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"x": _Payload(str(marker))}, path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_torch_file(path)
+    assert not marker.exists()
+    pkl = tmp_path / "evil.pkl"
+    pkl.write_bytes(pickle.dumps({"a": _Payload(str(marker))}))
+    with pytest.raises(CheckpointFormatError, match="plain pickled dictionary"):
+        load_pickle_dict(pkl)
+    assert not marker.exists()
+
+
+def test_empty_truncated_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointFormatError, match="empty"):
+        load_torch_file(empty)
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.randn(100, 100)}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        load_torch_file(cut)
+    with pytest.raises(CheckpointFormatError, match="safetensors"):
+        load_safetensors_file(cut)
+    with pytest.raises(CheckpointNotFoundError):
+        resolve_local_path(tmp_path / "nope")
+    notdict = tmp_path / "list.pkl"
+    notdict.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(CheckpointFormatError, match="not a dict"):
+        load_pickle_dict(notdict)
+
+
+def test_strict_loading_reports_every_problem():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    state = {
+        "0.weight": torch.zeros(4, 3),
+        "0.bias": torch.zeros(5),  # mis-shaped
+        "extra.weight": torch.zeros(1),  # unexpected
+        "position_ids": torch.zeros(1),  # ignored
+    }  # 1.weight and 1.bias missing
+    with pytest.raises(CheckpointKeyError) as info:
+        load_state_dict_strict(module, state, ignore_unexpected=["position_ids"])
+    err = info.value
+    assert err.missing == ["1.bias", "1.weight"]
+    assert err.unexpected == ["extra.weight"]
+    assert err.mismatched == [("0.bias", (5,), (4,))]
+    assert "position_ids" not in str(err)
+    good = {k: torch.full_like(v, 2.0) for k, v in module.state_dict().items()}
+    load_state_dict_strict(module, good)
+    assert torch.all(module[1].bias == 2.0)
