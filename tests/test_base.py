@@ -6,18 +6,18 @@ The toy model embeds a cell as ``W @ log1p(counts of matched genes)`` and a gene
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import data_file
 from scvi import REGISTRY_KEYS
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
-import anndata as ad
 import scfm
+from conftest import data_file
 from scfm.errors import CheckpointNotFoundError, InvalidInputError, NotSetupError
 from scfm.model.base import FoundationModelMixin
 
@@ -135,7 +135,8 @@ def test_latent_matches_numpy_in_adata_order(pbmc, checkpoint, vocab):
     mask = np.zeros(pbmc.n_obs, dtype=bool)
     mask[[1, 4]] = True
     np.testing.assert_allclose(
-        model.get_latent_representation(indices=mask, progress_bar=False), expected[[1, 4]],
+        model.get_latent_representation(indices=mask, progress_bar=False),
+        expected[[1, 4]],
         atol=1e-5,
     )
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import data_file
 
-import anndata as ad
 import scfm
+from conftest import data_file
 from scfm.data import align_genes, detect_id_type, map_gene_ids, strip_version
 from scfm.errors import AnnDataKeyError, GeneVocabularyError, InvalidInputError
 from scfm.io import load_pickle_dict
@@ -58,7 +58,8 @@ def test_strip_version_and_detect_id_type():
 def test_real_pbmc_symbols_align_to_geneformer_vocabulary(caplog):
     adata = ad.read_h5ad(data_file("pbmc68k_reduced_counts.h5ad"))
     vocab = load_pickle_dict(
-        scfm.data._genes.resources.files("scfm.data") / "resources/geneformer/token_dictionary_gc30M.pkl"
+        scfm.data._genes.resources.files("scfm.data")
+        / "resources/geneformer/token_dictionary_gc30M.pkl"
     )
     with caplog.at_level(logging.WARNING):
         alignment = align_genes(adata.var, vocab, id_type="ensembl", model_name="Geneformer")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import data_file
-from test_base import ToyModel
 
-import anndata as ad
+from conftest import data_file
 from scfm.data import check_spatial
 from scfm.errors import (
     AnnDataKeyError,
@@ -21,6 +20,7 @@ from scfm.errors import (
     ScfmError,
     SpatialCoordinateError,
 )
+from test_base import ToyModel
 
 
 @pytest.fixture
@@ -94,7 +94,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("mutate", "kwargs", "error", "match"), BAD)
-def test_bad_input_raises_typed_error_and_leaves_adata_unchanged(pbmc, mutate, kwargs, error, match):
+def test_bad_input_raises_typed_error_and_leaves_adata_unchanged(
+    pbmc, mutate, kwargs, error, match
+):
     if mutate is not None:
         mutate(pbmc)
     snap = _snapshot(pbmc)
@@ -122,7 +124,9 @@ def test_errors_are_also_builtin_exceptions(pbmc):
     with pytest.raises(ValueError):
         ToyModel.setup_anndata(pbmc)
     with pytest.raises(KeyError):
-        ToyModel.setup_anndata(ad.read_h5ad(data_file("pbmc68k_reduced_counts.h5ad")), batch_key="x")
+        ToyModel.setup_anndata(
+            ad.read_h5ad(data_file("pbmc68k_reduced_counts.h5ad")), batch_key="x"
+        )
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])

@@ -10,7 +10,6 @@ is modified.
 from __future__ import annotations
 
 __all__ = [
-    "ScfmError",
     "AnnDataKeyError",
     "CheckpointError",
     "CheckpointFormatError",
@@ -23,6 +22,7 @@ __all__ = [
     "InvalidInputError",
     "NotSetupError",
     "OntologyError",
+    "ScfmError",
     "SpatialCoordinateError",
     "UnsafeCheckpointError",
 ]
@@ -119,7 +119,8 @@ class CheckpointKeyError(CheckpointError):
             lines.append(f"unexpected keys ({len(self.unexpected)}): {', '.join(self.unexpected)}")
         if self.mismatched:
             shapes = ", ".join(
-                f"{name} (checkpoint {tuple(a)} vs model {tuple(b)})" for name, a, b in self.mismatched
+                f"{name} (checkpoint {tuple(a)} vs model {tuple(b)})"
+                for name, a, b in self.mismatched
             )
             lines.append(f"mis-shaped keys ({len(self.mismatched)}): {shapes}")
         lines.append(

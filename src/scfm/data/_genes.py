@@ -199,7 +199,7 @@ class GeneAlignment:
         return out
 
     def var_to_vocab(self) -> np.ndarray:
-        """Vocabulary index of every ``adata.var`` gene, ``-1`` where it is not in the vocabulary."""
+        """Vocabulary index of each ``adata.var`` gene (``-1``: not in the vocabulary)."""
         out = np.full(self.n_vars, -1, dtype=np.int64)
         out[self.var_index] = self.vocab_index
         return out

@@ -56,9 +56,7 @@ def _values_to_check(matrix) -> np.ndarray:
     if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset) or hasattr(matrix, "to_memory"):
         n = matrix.shape[0]
         matrix = matrix[: min(n, _BACKED_CHECK_ROWS)]
-    elif not isinstance(matrix, np.ndarray | sp.spmatrix | sp.sparray) and hasattr(
-        matrix, "shape"
-    ):
+    elif not isinstance(matrix, np.ndarray | sp.spmatrix | sp.sparray) and hasattr(matrix, "shape"):
         # h5py datasets (dense backed X)
         matrix = np.asarray(matrix[: min(matrix.shape[0], _BACKED_CHECK_ROWS)])
     if sp.issparse(matrix):
@@ -131,8 +129,10 @@ def check_anndata(adata: ad.AnnData) -> None:
     for axis, names in (("var_names", adata.var_names), ("obs_names", adata.obs_names)):
         if not names.is_unique:
             dup = names[names.duplicated()].unique()
-            fix = "adata.var_names_make_unique()" if axis == "var_names" else (
-                "adata.obs_names_make_unique()"
+            fix = (
+                "adata.var_names_make_unique()"
+                if axis == "var_names"
+                else ("adata.obs_names_make_unique()")
             )
             raise DuplicateNamesError(
                 f"adata.{axis} has {len(dup)} duplicated names (e.g. "

@@ -31,11 +31,11 @@ from scfm.errors import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "resolve_local_path",
-    "load_torch_file",
+    "load_pickle_dict",
     "load_safetensors_file",
     "load_state_dict_strict",
-    "load_pickle_dict",
+    "load_torch_file",
+    "resolve_local_path",
 ]
 
 
@@ -240,6 +240,4 @@ def load_state_dict_strict(
             unexpected=unexpected,
             mismatched=mismatched,
         )
-    module.load_state_dict(
-        {k: v for k, v in provided.items() if k in target}, strict=not optional
-    )
+    module.load_state_dict({k: v for k, v in provided.items() if k in target}, strict=not optional)
