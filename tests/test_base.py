@@ -166,6 +166,7 @@ def test_gene_embeddings_are_means_over_cells(pbmc, checkpoint, vocab):
 
 
 def test_key_added_writers_touch_only_documented_keys(pbmc, checkpoint):
+    keys_before = {attr: set(getattr(pbmc, attr).keys()) for attr in ("obs", "uns", "obsm", "varm")}
     ToyModel.setup_anndata(pbmc)
     model = ToyModel.from_pretrained(checkpoint, pbmc)
     before_obs = pbmc.obs.copy()
@@ -181,6 +182,15 @@ def test_key_added_writers_touch_only_documented_keys(pbmc, checkpoint):
     np.testing.assert_allclose(varm[0], genes.loc[pbmc.var_names[0]].to_numpy(), atol=1e-6)
     pd.testing.assert_frame_equal(pbmc.obs, before_obs)
     assert (pbmc.X != before_x).nnz == 0
+    # exactly the documented keys were added (scvi-tools registration + scfm results)
+    added = {attr: set(getattr(pbmc, attr).keys()) - keys_before[attr] for attr in keys_before}
+    assert added == {
+        "obs": {"_scvi_batch", "_scvi_labels"},
+        "uns": {"_scvi_uuid", "_scvi_manager_uuid", "scfm"},
+        "obsm": {"X_mine"},
+        "varm": {"X_toy"},
+    }
+    assert set(pbmc.uns["scfm"]) == {"gene_alignment", "obsm", "varm"}
     # the result is writable as h5ad
     pbmc.write_h5ad(checkpoint / "out.h5ad")
 
@@ -214,3 +224,13 @@ def test_from_pretrained_errors(pbmc, checkpoint, tmp_path):
         ToyModel.from_pretrained(tmp_path / "missing", pbmc)
     with pytest.raises(CheckpointNotFoundError, match="never downloads"):
         ToyModel.from_pretrained("ctheodoris/Geneformer", pbmc)
+
+
+def test_backed_anndata_is_embedded_in_chunks(pbmc, checkpoint, vocab, tmp_path):
+    pbmc.write_h5ad(tmp_path / "pbmc.h5ad")
+    backed = ad.read_h5ad(tmp_path / "pbmc.h5ad", backed="r")
+    ShuffledGroupsToy.setup_anndata(backed)
+    model = ShuffledGroupsToy.from_pretrained(checkpoint, backed)
+    expected = _numpy_latent(pbmc, vocab, model.module.weight.detach().numpy())
+    z = model.get_latent_representation(batch_size=8, progress_bar=False)
+    np.testing.assert_allclose(z, expected, atol=1e-5, rtol=0)
