@@ -234,3 +234,25 @@ def test_backed_anndata_is_embedded_in_chunks(pbmc, checkpoint, vocab, tmp_path)
     expected = _numpy_latent(pbmc, vocab, model.module.weight.detach().numpy())
     z = model.get_latent_representation(batch_size=8, progress_bar=False)
     np.testing.assert_allclose(z, expected, atol=1e-5, rtol=0)
+
+
+def test_mudata_rna_modality(pbmc, checkpoint, vocab):
+    import mudata as md
+
+    adt = ad.AnnData(
+        np.ones((pbmc.n_obs, 3), dtype=np.float32), obs=pd.DataFrame(index=pbmc.obs_names)
+    )
+    mdata = md.MuData({"rna": pbmc, "adt": adt})
+    with pytest.raises(scfm.errors.AnnDataKeyError, match="modalities"):
+        ToyModel.setup_mudata(mdata, rna_modality="gex")
+    with pytest.raises(NotSetupError, match="setup_mudata"):
+        ToyModel.from_pretrained(checkpoint, mdata)
+    ToyModel.setup_mudata(mdata, rna_modality="rna", batch_key="phase")
+    model = ToyModel.from_pretrained(checkpoint, mdata)
+    model.embed(mdata, progress_bar=False)
+    expected = _numpy_latent(pbmc, vocab, model.module.weight.detach().numpy())
+    np.testing.assert_allclose(mdata.mod["rna"].obsm["X_toy"], expected, atol=1e-5, rtol=0)
+    assert "X_toy" not in mdata.mod["adt"].obsm
+    np.testing.assert_allclose(
+        model.get_latent_representation(mdata, progress_bar=False), expected, atol=1e-5
+    )

@@ -30,6 +30,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from scfm.data._genes import GeneAlignment
 from scfm.data._validation import check_anndata, check_counts, check_obs_keys
-from scfm.errors import InvalidInputError, NotSetupError
+from scfm.errors import AnnDataKeyError, InvalidInputError, NotSetupError
 from scfm.io._common import resolve_local_path
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,6 @@ class FoundationModelMixin:
             adata, layer, [("batch_key", batch_key), ("labels_key", labels_key)]
         )
         if gene_id_key is not None and gene_id_key not in adata.var.columns:
-            from scfm.errors import AnnDataKeyError
-
             raise AnnDataKeyError(
                 f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: "
                 f"{', '.join(map(str, adata.var.columns)) or 'none'})."
@@ -149,6 +148,60 @@ class FoundationModelMixin:
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
+
+    @classmethod
+    def setup_mudata(cls, mdata: MuData, rna_modality: str = "rna", **kwargs: Any) -> None:
+        """Register the RNA modality of a :class:`~mudata.MuData` object.
+
+        The model then reads counts from ``mdata.mod[rna_modality]``, and every method that
+        takes ``adata`` also accepts ``mdata``; results (``embed``, ``embed_genes``) are written
+        into the RNA modality (e.g. ``mdata.mod["rna"].obsm["X_<model>"]``).
+
+        Parameters
+        ----------
+        mdata
+            The MuData object.
+        rna_modality
+            Name of the RNA modality in ``mdata.mod``.
+        **kwargs
+            Passed to :meth:`setup_anndata` (``layer``, ``batch_key``, ...; obs keys refer to
+            the RNA modality's ``obs``).
+        """
+        if not isinstance(mdata, MuData):
+            raise InvalidInputError(
+                f"setup_mudata expects a MuData object, got {type(mdata).__name__}; use "
+                "setup_anndata for an AnnData."
+            )
+        if rna_modality not in mdata.mod:
+            raise AnnDataKeyError(
+                f"rna_modality={rna_modality!r} is not a modality of the MuData (modalities: "
+                f"{', '.join(mdata.mod)}). Pass the name of the RNA modality."
+            )
+        cls.setup_anndata(mdata.mod[rna_modality], **kwargs)
+
+    @classmethod
+    def _registered_modality(cls, data: ad.AnnData | MuData) -> ad.AnnData:
+        """The AnnData to work on: ``data`` itself, or the registered modality of a MuData."""
+        if not isinstance(data, MuData):
+            return data
+        registered = [
+            name
+            for name, mod in data.mod.items()
+            if cls._get_most_recent_anndata_manager(mod) is not None
+        ]
+        if not registered:
+            raise NotSetupError(
+                f"No modality of the MuData is set up for {cls.__name__}. Call "
+                f"scfm.model.{cls.__name__}.setup_mudata(mdata, rna_modality=...) first."
+            )
+        return data.mod["rna" if "rna" in registered else registered[0]]
+
+    def _validate_anndata(
+        self, adata: ad.AnnData | MuData | None = None, copy_if_view: bool = True
+    ) -> ad.AnnData:
+        if adata is not None:
+            adata = self._registered_modality(adata)
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     @property
     def setup_args(self) -> dict[str, Any]:
@@ -177,7 +230,8 @@ class FoundationModelMixin:
         path
             Local directory or file of the released checkpoint. Nothing is downloaded.
         adata
-            AnnData registered with ``setup_anndata``; its genes are aligned to the model's
+            AnnData registered with ``setup_anndata`` (or a MuData registered with
+            ``setup_mudata``); its genes are aligned to the model's
             vocabulary and the match is reported in ``adata.uns["scfm"]``.
         **kwargs
             Model-specific options (see the model class).
@@ -194,6 +248,7 @@ class FoundationModelMixin:
             If ``adata`` was not registered with ``setup_anndata``.
         """
         local = resolve_local_path(path)
+        adata = cls._registered_modality(adata)
         cls._require_setup(adata)
         model = cls._from_pretrained(local, adata, **kwargs)
         model._checkpoint_path = str(local)
