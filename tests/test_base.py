@@ -256,3 +256,40 @@ def test_mudata_rna_modality(pbmc, checkpoint, vocab):
     np.testing.assert_allclose(
         model.get_latent_representation(mdata, progress_bar=False), expected, atol=1e-5
     )
+
+
+class LengthSortedToy(ToyModel):
+    """Groups cells by their number of expressed vocabulary genes."""
+
+    _length_window_batches = 2
+
+    def _length_columns(self):
+        return self.gene_alignment.var_index
+
+
+def test_length_grouping_trims_padding_and_keeps_row_order(pbmc, checkpoint, vocab, tmp_path):
+    from scfm.data._matrix import count_expressed
+
+    LengthSortedToy.setup_anndata(pbmc)
+    model = LengthSortedToy.from_pretrained(checkpoint, pbmc)
+    cells = np.arange(pbmc.n_obs)
+    groups = model._minibatch_indices(pbmc, cells, 5)
+    lengths = count_expressed(pbmc.X, cells, model.gene_alignment.var_index)
+    x = pbmc.X.toarray()[:, model.gene_alignment.var_index]
+    np.testing.assert_array_equal(lengths, (x > 0).sum(1))
+    # every cell once; within each window of 2 batches, lengths never increase
+    assert sorted(np.concatenate(groups)) == list(cells)
+    for w in range(0, len(groups), 2):
+        window = np.concatenate(groups[w : w + 2])
+        assert np.all(np.diff(lengths[window]) <= 0)
+    expected = _numpy_latent(pbmc, vocab, model.module.weight.detach().numpy())
+    np.testing.assert_allclose(
+        model.get_latent_representation(batch_size=5, progress_bar=False), expected, atol=1e-5
+    )
+    # backed: same counts, read in chunks
+    pbmc.write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    np.testing.assert_array_equal(
+        count_expressed(backed.X, cells[::-1], model.gene_alignment.var_index, chunk_size=7),
+        lengths[::-1],
+    )

@@ -23,7 +23,24 @@ def _assert_same_except(result, original, key):
     assert set(result.layers) == set(original.layers)
 
 
-def test_embed_writes_only_the_embedding(tmp_path):
+def _h5_items(path):
+    import h5py
+
+    items = {}
+    with h5py.File(path, "r") as f:
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                items[name] = (obj[()], dict(obj.attrs))
+            else:
+                items[name] = dict(obj.attrs)
+
+        f.visititems(visit)
+    return items
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_embed_writes_only_the_embedding(tmp_path, backed):
     fx = fixture_dir("geneformer")
     expected = np.load(fx / "expected.npz")
     out = tmp_path / "out.h5ad"
@@ -37,9 +54,22 @@ def test_embed_writes_only_the_embedding(tmp_path):
             str(fx / "checkpoint"),
             "--output",
             str(out),
+            *(["--backed"] if backed else []),
         ]
     )
     assert code == 0
+    # every element of the input file is in the output, byte for byte
+    before, after = _h5_items(fx / "input.h5ad"), _h5_items(out)
+    for name, value in before.items():
+        if name in ("obsm", "varm", "uns"):
+            continue  # groups gain the result members
+        if isinstance(value, tuple):
+            np.testing.assert_array_equal(after[name][0], value[0], err_msg=name)
+            assert str(after[name][1]) == str(value[1]), name
+        else:
+            assert str(after[name]) == str(value), name
+    added = set(after) - set(before)
+    assert all(n.startswith(("obsm/X_geneformer", "varm/X_geneformer", "uns/scfm")) for n in added)
     result = ad.read_h5ad(out)
     original = ad.read_h5ad(fx / "input.h5ad")
     _assert_same_except(result, original, "X_geneformer")

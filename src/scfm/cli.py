@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,47 +63,72 @@ def _setup_kwargs(cls: type, args: argparse.Namespace) -> dict:
 
 
 def embed(args: argparse.Namespace) -> Path:
-    """Run ``scfm embed``: write embeddings of INPUT to OUTPUT, leaving everything else as is."""
-    import anndata as ad
-    import numpy as np
+    """Run ``scfm embed``: write embeddings of INPUT to OUTPUT, leaving everything else as is.
 
-    from scfm.model.base import record_in_uns
+    OUTPUT starts as a byte copy of INPUT; only the result elements (``obsm/<key>``,
+    ``varm/<key>``, ``uns/scfm``) are then written into it, so nothing else can change.
+    With ``--backed`` the counts are read from disk in chunks (memory independent of the
+    number of cells).
+    """
+    import anndata as ad
 
     src = Path(args.input)
     if not src.is_file():
         raise InvalidInputError(f"Input file {str(src)!r} does not exist.")
     out = Path(args.output)
-    if out.resolve() == src.resolve():
+    if out.exists() and out.resolve() == src.resolve():
         raise InvalidInputError("--output must differ from INPUT (the input is never modified).")
     cls = get_model_class(args.model)
     setup_kwargs = _setup_kwargs(cls, args)
 
-    # The model works on its own copy (setup_anndata registers scvi-tools keys in it); the
-    # output is a fresh read of INPUT plus the documented result keys only.
-    work = ad.read_h5ad(src)
+    # setup_anndata registers scvi-tools keys in the AnnData it is given: that is the
+    # model's in-memory (or backed, read-only) copy, never the file.
+    work = ad.read_h5ad(src, backed="r" if args.backed else None)
     cls.setup_anndata(work, **setup_kwargs)
     model = cls.from_pretrained(args.checkpoint, work)
     key = args.key_added or model.default_key
     z = model.get_latent_representation(batch_size=args.batch_size)
-    genes = None
+    varm = None
     if getattr(cls, "_has_gene_embeddings", False) and not args.no_gene_embeddings:
         genes = model.get_gene_embeddings(batch_size=args.batch_size)
         varm = model._align_gene_frame(work, genes)
+    if work.isbacked:
+        work.file.close()
 
-    result = ad.read_h5ad(src)
-    result.obsm[key] = np.asarray(z)
     info = {"model": cls.__name__, "checkpoint": str(args.checkpoint)}
-    record_in_uns(result, "obsm", key, info)
-    if genes is not None:
-        result.varm[key] = varm
-        record_in_uns(result, "varm", key, info)
-    result.write_h5ad(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.copyfile(src, tmp)
+    _write_results(tmp, key, z, varm, info)
+    tmp.replace(out)
     print(
         f"wrote .obsm[{key!r}] ({z.shape[0]} x {z.shape[1]})"
-        + (f" and .varm[{key!r}]" if genes is not None else "")
+        + (f" and .varm[{key!r}]" if varm is not None else "")
         + f" to {out}"
     )
     return out
+
+
+def _write_results(path: Path, key: str, z, varm, info: dict) -> None:
+    """Write the result elements into an existing .h5ad file, touching nothing else."""
+    import h5py
+    from anndata.io import read_elem, write_elem
+
+    with h5py.File(path, "r+") as f:
+        targets = [("obsm", z)] + ([("varm", varm)] if varm is not None else [])
+        for group, value in targets:
+            if group not in f:
+                write_elem(f, group, {})
+            if key in f[group]:
+                del f[group][key]
+            write_elem(f[group], key, value)
+        record = read_elem(f["uns"]["scfm"]) if "uns" in f and "scfm" in f["uns"] else {}
+        for group, _ in targets:
+            record.setdefault(group, {})[key] = dict(info)
+        if "uns" not in f:
+            write_elem(f, "uns", {})
+        if "scfm" in f["uns"]:
+            del f["uns"]["scfm"]
+        write_elem(f["uns"], "scfm", record)
 
 
 def demo(args: argparse.Namespace) -> dict:
@@ -144,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="cells per minibatch")
     p.add_argument("--key-added", help="obsm/varm key (default X_<model>)")
     p.add_argument("--no-gene-embeddings", action="store_true", help="skip .varm output")
+    p.add_argument(
+        "--backed",
+        action="store_true",
+        help="read the counts from disk in chunks (for files larger than memory)",
+    )
     p.set_defaults(func=embed)
 
     d = sub.add_parser(

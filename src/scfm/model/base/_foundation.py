@@ -37,7 +37,8 @@ from scvi.data.fields import CategoricalObsField, LayerField
 from tqdm.auto import tqdm
 
 from scfm.data._genes import GeneAlignment
-from scfm.data._validation import check_anndata, check_counts, check_obs_keys
+from scfm.data._matrix import count_expressed
+from scfm.data._validation import check_anndata, check_counts, check_obs_keys, get_matrix
 from scfm.errors import AnnDataKeyError, InvalidInputError, NotSetupError
 from scfm.io._common import resolve_local_path
 
@@ -87,14 +88,10 @@ class FoundationModelMixin:
     ) -> None:
         """Run every input check ``setup_anndata`` needs, before anything is registered."""
         check_anndata(adata)
-        if layer is not None or cls._requires_counts:
-            # get_matrix inside check_counts validates the layer name
-            if cls._requires_counts:
-                check_counts(adata, layer)
-            else:
-                from scfm.data._validation import get_matrix
-
-                get_matrix(adata, layer)
+        if cls._requires_counts:
+            check_counts(adata, layer)  # also checks that the layer exists
+        else:
+            get_matrix(adata, layer)
         check_obs_keys(adata, obs_keys)
 
     @classmethod
@@ -280,11 +277,36 @@ class FoundationModelMixin:
         self._model_summary_string = "; ".join(parts)
 
     # ------------------------------------------------------------------ iteration
+    #: Cells per length-sorting window: cells are sorted by token length within windows of
+    #: this many minibatches, which trims padding while keeping disk reads local.
+    _length_window_batches: ClassVar[int] = 64
+
+    def _length_columns(self) -> np.ndarray | None:
+        """``adata.var`` positions whose expressed count is a cell's sequence length.
+
+        Token models return the genes in their vocabulary so that minibatches group cells of
+        similar length; ``None`` (default) keeps cells in order.
+        """
+        return None
+
     def _minibatch_indices(
-        self, adata: ad.AnnData, indices: np.ndarray, batch_size: int
+        self, adata: ad.AnnData, cells: np.ndarray, batch_size: int
     ) -> list[np.ndarray]:
-        """Group ``indices`` into minibatches (default: consecutive chunks)."""
-        return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        """Group ``cells`` into minibatches, by length where :meth:`_length_columns` says so."""
+        columns = self._length_columns()
+        if columns is not None and len(cells) > batch_size:
+            layer = self.adata_manager.registry["setup_args"].get("layer")
+            lengths = count_expressed(get_matrix(adata, layer), cells, columns)
+            window = batch_size * self._length_window_batches
+            ordered = np.concatenate(
+                [
+                    cells[i : i + window][np.argsort(-lengths[i : i + window], kind="stable")]
+                    for i in range(0, len(cells), window)
+                ]
+            )
+        else:
+            ordered = cells
+        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
     def _resolve_indices(
         self, adata: ad.AnnData, indices: Sequence[int] | None
