@@ -45,7 +45,7 @@ class _ToyModule(BaseModuleClass):
 
     def loss(self, tensors, inference_outputs, generative_outputs):
         loss = inference_outputs["z"].pow(2).mean()
-        return LossOutput(loss=loss)
+        return LossOutput(loss=loss, n_obs_minibatch=inference_outputs["z"].shape[0])
 
 
 class ToyModel(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -293,3 +293,25 @@ def test_length_grouping_trims_padding_and_keeps_row_order(pbmc, checkpoint, voc
         count_expressed(backed.X, cells[::-1], model.gene_alignment.var_index, chunk_size=7),
         lengths[::-1],
     )
+
+
+def test_inference_precision_autocast(pbmc, checkpoint):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    z32 = model.get_latent_representation(progress_bar=False)
+    with model.inference_precision("bf16"):
+        z16 = model.get_latent_representation(progress_bar=False)
+    assert not np.array_equal(z16, z32)  # bf16 matmuls really ran
+    np.testing.assert_allclose(z16, z32, rtol=0.05, atol=0.05 * np.abs(z32).max())
+    np.testing.assert_array_equal(model.get_latent_representation(progress_bar=False), z32)
+    with pytest.raises(InvalidInputError, match="precision"):
+        with model.inference_precision("fp8"):
+            pass
+
+
+def test_training_precision_passes_through_to_lightning(pbmc, checkpoint):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    model.train(max_epochs=1, precision="bf16-mixed", accelerator="cpu", enable_progress_bar=False)
+    assert model.trainer.precision == "bf16-mixed"
+    assert np.isfinite(model.history["train_loss"].iloc[:, 0].to_numpy(dtype=float)).all()

@@ -21,6 +21,7 @@ and implements a few small hooks:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -354,6 +355,66 @@ class FoundationModelMixin:
             tensors = next(iter(loader))
             yield np.searchsorted(cells, group), tensors
 
+    # ------------------------------------------------------------------ training
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Train with the model's objective through scvi-tools' TrainRunner and Lightning.
+
+        Arguments are those of :meth:`scvi.model.base.UnsupervisedTrainingMixin.train`
+        (``max_epochs``, ``accelerator``, ``devices``, ``strategy``, ``precision``,
+        ``datamodule``, ``plan_kwargs``, ...). The module is put in training mode (dropout
+        on) for the run and back in eval mode afterwards, and the history of the first run
+        after :meth:`from_pretrained` is recorded in :attr:`history`.
+        """
+        was_trained = bool(self.is_trained_)
+        if was_trained and not self.history_:
+            # scvi-tools only appends to an existing history once a model counts as trained;
+            # a freshly loaded checkpoint has none, so let the runner start one.
+            self.is_trained_ = False
+        self.module.train()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.module.eval()
+            self.is_trained_ = self.is_trained_ or was_trained
+
+    # ------------------------------------------------------------------ precision
+    _autocast_dtype: torch.dtype | None = None
+
+    @contextlib.contextmanager
+    def inference_precision(self, precision: str | torch.dtype | None) -> Iterator[None]:
+        """Run inference inside the block under :func:`torch.autocast` (mixed precision).
+
+        Parameters
+        ----------
+        precision
+            ``"bf16"`` / ``torch.bfloat16``, ``"16"`` / ``torch.float16`` (CUDA), or
+            ``None`` / ``"32"`` for full float32 (the parity setting).
+
+        Examples
+        --------
+        >>> with model.inference_precision("bf16"):
+        ...     z = model.get_latent_representation()
+        """
+        names = {"bf16": torch.bfloat16, "16": torch.float16, "32": None, None: None}
+        if isinstance(precision, torch.dtype):
+            dtype = None if precision == torch.float32 else precision
+        elif precision in names:
+            dtype = names[precision]
+        else:
+            raise InvalidInputError(
+                f"precision={precision!r} is not supported; use 'bf16', '16' or '32'."
+            )
+        previous, self._autocast_dtype = self._autocast_dtype, dtype
+        try:
+            yield
+        finally:
+            self._autocast_dtype = previous
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.module.device.type, dtype=self._autocast_dtype)
+
     # ------------------------------------------------------------------ embeddings
     @torch.inference_mode()
     def get_latent_representation(
@@ -391,7 +452,9 @@ class FoundationModelMixin:
         for positions, tensors in self._iterate(
             adata, cells, batch_size, f"{self._model_name} embeddings", progress_bar
         ):
-            z = self._latent_minibatch(tensors, **kwargs).detach().float().cpu().numpy()
+            with self._autocast():
+                z = self._latent_minibatch(tensors, **kwargs)
+            z = z.detach().float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(cells), z.shape[1]), dtype=np.float32)
             out[positions] = z
@@ -440,7 +503,8 @@ class FoundationModelMixin:
         for _, tensors in self._iterate(
             adata, cells, batch_size, f"{self._model_name} gene embeddings", progress_bar
         ):
-            ids, emb = self._gene_embedding_minibatch(tensors, **kwargs)
+            with self._autocast():
+                ids, emb = self._gene_embedding_minibatch(tensors, **kwargs)
             ids = ids.reshape(-1).cpu()
             emb = emb.reshape(len(ids), -1).double().cpu()
             if sums is None:
