@@ -1,0 +1,167 @@
+"""Flow-Attention (Flowformer) encoder, as used by CellPLM to let cells attend to each other.
+
+Flow-Attention :cite:p:`Wu2022Flowformer` is a linear-cost attention that replaces the
+softmax by a flow-network view of attention: queries are sinks, keys are sources, and the
+incoming / outgoing flows are normalised ("conserved") so that sinks compete for the flow of
+the sources and sources are allocated to sinks. Cost is linear in the sequence length, which
+is what lets CellPLM put thousands of cells into one "sentence".
+
+Attribute names mirror the CellPLM checkpoint keys
+(``encoder.layers.N.self_attn.query_projection``, ``_ff_block.0``, ``norm1``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["FlowAttention", "FlowformerEncoder", "FlowformerLayer"]
+
+#: Numerical floor of Flow-Attention (``eps`` of the reference implementation).
+FLOW_EPS = 1e-6
+#: Dropout on the attention output inside the attention block (fixed in the reference).
+ATTENTION_DROPOUT = 0.01
+
+
+class FlowAttention(nn.Module):
+    """Non-causal multi-head Flow-Attention with an optional padding mask.
+
+    Parameters
+    ----------
+    d_model
+        Width of the input and output.
+    n_heads
+        Number of heads; ``d_model`` must be divisible by it.
+    dropout
+        Dropout applied to the attention output (after ``out_projection``).
+    eps
+        Floor added inside the flow normalisers.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 8,
+        dropout: float = ATTENTION_DROPOUT,
+        eps: float = FLOW_EPS,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}.")
+        self.n_heads = n_heads
+        self.eps = eps
+        self.query_projection = nn.Linear(d_model, d_model)
+        self.key_projection = nn.Linear(d_model, d_model)
+        self.value_projection = nn.Linear(d_model, d_model)
+        self.out_projection = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend within each sequence.
+
+        Parameters
+        ----------
+        x
+            ``[B, L, d_model]`` (B sentences of at most L cells).
+        mask
+            ``[B, L]`` bool, ``True`` for real positions; ``None`` when nothing is padded.
+
+        Returns
+        -------
+        ``[B, L, d_model]``; padded positions hold arbitrary finite values.
+        """
+        b, n, d = x.shape
+        q = torch.sigmoid(self._heads(self.query_projection(x)))  # [B, H, L, Dh]
+        k = torch.sigmoid(self._heads(self.key_projection(x)))
+        v = self._heads(self.value_projection(x))
+        if mask is not None:
+            # Zeroed queries / keys drop out of every sum over positions below, so a padded
+            # sentence gives the same numbers as the same sentence alone.
+            keep = mask[:, None, :, None].to(q.dtype)
+            q = q * keep
+            k = k * keep
+            n_valid = mask.sum(dim=1).to(q.dtype)[:, None, None]  # [B, 1, 1]
+        else:
+            n_valid = torch.full((b, 1, 1), float(n), dtype=q.dtype, device=x.device)
+        eps = self.eps
+        # incoming / outgoing flow of each sink (query) and source (key)
+        incoming = 1.0 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(dim=2) + eps)
+        outgoing = 1.0 / torch.einsum("bhsd,bhd->bhs", k + eps, q.sum(dim=2) + eps)
+        # conserved flows
+        sink = torch.einsum("bhld,bhd->bhl", q + eps, (k * outgoing[..., None]).sum(dim=2) + eps)
+        source = torch.einsum("bhsd,bhd->bhs", k + eps, (q * incoming[..., None]).sum(dim=2) + eps)
+        source = source.clamp(min=-1.0, max=1.0)
+        # allocation (sinks) and competition (sources); non-causal, so L / S = 1
+        allocation = torch.sigmoid(sink)
+        if mask is not None:
+            source = source.masked_fill(~mask[:, None, :], float("-inf"))
+        competition = torch.softmax(source, dim=-1) * n_valid
+        kv = k.transpose(-2, -1) @ (v * competition[..., None])  # [B, H, Dh, Dh]
+        out = (q @ kv) * incoming[..., None] * allocation[..., None]
+        out = out.transpose(1, 2).reshape(b, n, d)
+        return self.dropout(self.out_projection(out))
+
+
+class FlowformerLayer(nn.Module):
+    """Pre-norm Flowformer block: ``h + Attn(LN1(h))`` then ``h + FFN(LN2(h))``.
+
+    Parameters
+    ----------
+    d_model
+        Width.
+    n_heads
+        Attention heads.
+    dropout
+        Dropout inside the feed-forward block and on the attention branch.
+    """
+
+    def __init__(self, d_model: int, n_heads: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = FlowAttention(d_model, n_heads)
+        # Indices 0 and 3 carry weights, as in the checkpoint (``_ff_block.0``, ``_ff_block.3``).
+        self._ff_block = nn.Sequential(
+            nn.Linear(d_model, 2 * d_model),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout1(self.self_attn(self.norm1(x), mask))
+        return x + self._ff_block(self.norm2(x))
+
+
+class FlowformerEncoder(nn.Module):
+    """A stack of :class:`FlowformerLayer` (no final norm, as in CellPLM).
+
+    Parameters
+    ----------
+    d_model
+        Width.
+    n_layers
+        Number of layers.
+    n_heads
+        Attention heads per layer.
+    dropout
+        Dropout of each layer.
+    """
+
+    def __init__(self, d_model: int, n_layers: int, n_heads: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [FlowformerLayer(d_model, n_heads, dropout) for _ in range(n_layers)]
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``[B, L, d_model]``; ``mask``: ``[B, L]`` bool (``True`` = real cell)."""
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
