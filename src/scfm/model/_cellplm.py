@@ -661,13 +661,8 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (``max_epochs``,
         ``batch_size``, ``plan_kwargs``, ``accelerator``, ``datamodule``, ...).
         """
-        # Lightning keeps the modules' current mode; from_pretrained leaves eval mode on,
-        # which would silently switch masking and dropout off.
-        self.module.train()
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            self.module.eval()
+        # The base switches the module to training mode (masking and dropout on) for the run.
+        return super().train(*args, **kwargs)
 
     def train_imputation(
         self,

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
@@ -18,7 +17,6 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from scfm.data._genes import align_genes
 from scfm.data._ontology import CellOntology, load_cell_ontology
-from scfm.data._validation import get_matrix
 from scfm.errors import AnnDataKeyError, InvalidInputError, OntologyError
 from scfm.model.base import FoundationModelMixin
 from scfm.module._sccello import N_PROTOTYPES, ScCelloConfig, ScCelloModule
@@ -329,24 +327,9 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return model
 
     # ------------------------------------------------------------------ minibatches
-    def _length_per_cell(self, adata: ad.AnnData, cells: np.ndarray) -> np.ndarray:
-        """Number of expressed in-vocabulary genes of each cell (token count without <cls>)."""
-        x = get_matrix(adata, self.setup_args.get("layer"))
-        known = self.module.gene_token_ids.cpu().numpy() >= 0
-        sub = x[cells][:, known]
-        return (
-            np.asarray((sub > 0).sum(1)).ravel()
-            if sp.issparse(sub)
-            else (np.asarray(sub) > 0).sum(1)
-        )
-
-    def _minibatch_indices(
-        self, adata: ad.AnnData, indices: np.ndarray, batch_size: int
-    ) -> list[np.ndarray]:
+    def _length_columns(self) -> np.ndarray:
         # Cells of similar length share a minibatch so that little padding is computed.
-        order = np.argsort(self._length_per_cell(adata, indices), kind="stable")
-        ranked = indices[order]
-        return [ranked[i : i + batch_size] for i in range(0, len(ranked), batch_size)]
+        return np.flatnonzero(self.module.gene_token_ids.cpu().numpy() >= 0)
 
     # ------------------------------------------------------------------ embeddings
     def get_latent_representation(
@@ -513,15 +496,11 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self._cell_types(self.adata)  # fail early on unknown labels
         plan_kwargs = {"optimizer": "AdamW", "lr": 1e-3, "weight_decay": 1e-3}
         plan_kwargs.update(kwargs.pop("plan_kwargs", None) or {})
-        # Lightning keeps the modes it finds; dropout must be on (it also makes the two
-        # passes of the relational alignment differ, as in the reference).
-        self.module.train()
-        try:
-            super().train(
-                max_epochs=max_epochs, batch_size=batch_size, plan_kwargs=plan_kwargs, **kwargs
-            )
-        finally:
-            self.module.eval()
+        # The base runs this in training mode: dropout also makes the two passes of the
+        # relational alignment differ, as in the reference.
+        super().train(
+            max_epochs=max_epochs, batch_size=batch_size, plan_kwargs=plan_kwargs, **kwargs
+        )
 
     def get_pretraining_losses(
         self,
