@@ -119,3 +119,19 @@ def test_ddp_training_on_two_cpu_processes(soma_uri, tmp_path, pbmc):
     loaded = scfm.model.Geneformer.load(tmp_path / "model")
     z = loaded.get_latent_representation(indices=np.arange(8), progress_bar=False)
     assert z.shape == (8, DEMO_ARCHITECTURE["hidden_size"]) and np.all(np.isfinite(z))
+
+
+def test_embed_soma_reads_in_chunks_in_joinid_order(soma_uri, pbmc):
+    adata = pbmc.copy()
+    scfm.model.Geneformer.setup_anndata(adata, batch_key="phase")
+    model = scfm.model.Geneformer(adata, **DEMO_ARCHITECTURE)
+    expected = model.get_latent_representation(progress_bar=False)
+    with tiledbsoma.Experiment.open(soma_uri) as exp:
+        query = exp.axis_query(
+            "RNA", obs_query=tiledbsoma.AxisQuery(value_filter="bulk_labels == 'CD19+ B'")
+        )
+        z = scfm.data.embed_soma(
+            model, query, chunk_size=7, var_id_column="var_id", progress_bar=False
+        )
+        joinids = np.sort(query.obs_joinids().to_numpy())
+    np.testing.assert_allclose(z, expected[joinids], atol=1e-5, rtol=0)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.dataloaders import TileDBDataModule
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CENSUS_BIONEMO_FILTER", "SomaDataModule", "soma_template"]
+__all__ = ["CENSUS_BIONEMO_FILTER", "SomaDataModule", "embed_soma", "soma_template"]
 
 #: Census obs filter of the BioNeMo Geneformer (sc-FM) model card: primary data, healthy
 #: donors, cells with a known suspension type.
@@ -99,6 +100,74 @@ def soma_template(
     adata.var_names = pd.Index(var[column].astype(str).to_numpy())
     adata.obs_names = adata.obs_names.astype(str)
     return adata
+
+
+def embed_soma(
+    model: Any,
+    query: tiledbsoma.ExperimentAxisQuery,
+    *,
+    X_name: str = "raw",
+    chunk_size: int = 10_000,
+    var_id_column: str | None = None,
+    progress_bar: bool = True,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Cell embeddings of every cell of a SOMA query, read ``chunk_size`` cells at a time.
+
+    Memory is bounded by the chunk, whatever the size of the query. Each chunk is read with
+    its genes reordered onto the model's genes (as in :class:`SomaDataModule`) and embedded
+    with ``model.get_latent_representation``.
+
+    Parameters
+    ----------
+    model
+        A set-up scfm model.
+    query
+        SOMA ``ExperimentAxisQuery``.
+    X_name
+        X layer with raw counts.
+    chunk_size
+        Cells read into memory at once.
+    var_id_column
+        Query ``var`` column matched against the model's gene ids (default ``feature_id``).
+    progress_bar
+        Show a progress bar over chunks.
+    **kwargs
+        Passed to ``model.get_latent_representation`` (``batch_size``, model options).
+
+    Returns
+    -------
+    Array ``(query.n_obs, n_latent)``, rows in the query's ``soma_joinid`` order.
+    """
+    from tqdm.auto import tqdm
+
+    gene_index = SomaDataModule._map_genes(query, model, var_id_column).numpy()
+    found = gene_index >= 0
+    var_ids = query.var_joinids().to_numpy()
+    obs_ids = np.sort(query.obs_joinids().to_numpy())
+    exp, measurement = query.experiment, query.measurement_name
+    template = model.adata
+    setup = model.setup_args
+    obs_columns = [c for c in (setup.get("batch_key"), setup.get("labels_key")) if c]
+    chunks = [obs_ids[i : i + chunk_size] for i in range(0, len(obs_ids), chunk_size)]
+    out = []
+    for ids in tqdm(chunks, desc="SOMA chunks", unit="chunk", disable=not progress_bar):
+        with exp.axis_query(
+            measurement, obs_query=_coords_query(ids), var_query=_coords_query(var_ids)
+        ) as chunk_query:
+            chunk = chunk_query.to_anndata(
+                X_name=X_name, column_names={"obs": ["soma_joinid", *obs_columns]}
+            )
+        rows = np.argsort(chunk.obs["soma_joinid"].to_numpy())  # soma_joinid order
+        x = sp.csr_matrix(chunk.X)[rows]
+        cols = np.where(found, gene_index, 0)
+        # genes the query lacks are zero columns
+        x = x[:, cols].multiply(found[None, :].astype(np.float32)).tocsr()
+        obs = chunk.obs.iloc[rows][obs_columns].reset_index(drop=True)
+        obs.index = ids.astype(str)
+        piece = ad.AnnData(X=x.astype(np.float32), obs=obs, var=template.var.copy())
+        out.append(model.get_latent_representation(piece, progress_bar=False, **kwargs))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def _coords_query(ids: np.ndarray):
