@@ -263,21 +263,9 @@ class CellFM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     def _vocab_names(self) -> Sequence[str]:
         return self._genes
 
-    def _minibatch_indices(
-        self, adata: ad.AnnData, indices: np.ndarray, batch_size: int
-    ) -> list[np.ndarray]:
-        """Group cells of similar expressed-gene counts, so that padding is trimmed."""
-        from scfm.data._validation import get_matrix
-
-        matrix = get_matrix(adata, self.setup_args.get("layer"))
-        kept = self.module.kept_var_index.cpu().numpy()
-        try:
-            sub = matrix[indices][:, kept]
-            n_expressed = np.asarray((sub != 0).sum(axis=1)).ravel()
-        except (TypeError, ValueError, IndexError):  # backed / exotic matrices: keep order
-            return super()._minibatch_indices(adata, indices, batch_size)
-        ordered = indices[np.argsort(n_expressed, kind="stable")]
-        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    def _length_columns(self) -> np.ndarray:
+        # Cells with similar numbers of expressed kept genes share a minibatch (less padding).
+        return self.module.kept_var_index.cpu().numpy()
 
     def _encode_minibatch(
         self, tensors: dict[str, torch.Tensor], use_st: bool, seed: int | None
@@ -520,12 +508,8 @@ class CellFM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             (``accelerator``, ``devices``, ``precision="bf16-mixed"``, ``plan_kwargs``,
             ``datamodule``, ...).
         """
-        # Lightning keeps the mode modules are in; from_pretrained leaves eval mode.
-        self.module.train()
-        try:
-            return super().train(max_epochs=max_epochs, batch_size=batch_size, **kwargs)
-        finally:
-            self.module.eval()
+        # The base runs this in training mode and records the history.
+        return super().train(max_epochs=max_epochs, batch_size=batch_size, **kwargs)
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune_annotation(
