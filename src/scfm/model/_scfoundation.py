@@ -10,7 +10,6 @@ from typing import Any, ClassVar, Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
@@ -296,20 +295,9 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
         total = tensors.get(TOTAL_COUNTS_KEY)
         return self.module.model_input(x, tgthighres, None if total is None else total.to(device))
 
-    def _minibatch_indices(
-        self, adata: ad.AnnData, indices: np.ndarray, batch_size: int
-    ) -> list[np.ndarray]:
-        """Group cells of similar non-zero gene counts so that padding is trimmed."""
-        layer = self.adata_manager.registry["setup_args"].get("layer")
-        matrix = get_matrix(adata, layer)
-        var_index = self.gene_alignment.var_index
-        try:
-            sub = matrix[indices][:, var_index]
-        except (TypeError, ValueError):  # backed matrices: fall back to consecutive chunks
-            return super()._minibatch_indices(adata, indices, batch_size)
-        nnz = np.asarray((sub > 0).sum(axis=1)).ravel() if sp.issparse(sub) else (sub > 0).sum(1)
-        order = indices[np.argsort(-np.asarray(nnz), kind="stable")]
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    def _length_columns(self) -> np.ndarray:
+        # The encoder sees the non-zero genes only: group cells of similar counts of them.
+        return self.gene_alignment.var_index
 
     def _latent_minibatch(
         self, tensors: dict[str, torch.Tensor], pool_type: PoolType = "all", tgthighres: str = "t4"
@@ -622,13 +610,8 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
         plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", "eps": 1e-8}
         plan.update(plan_kwargs or {})
         kwargs.setdefault("gradient_clip_val", 1.0)  # the reference clips at 1
-        if self.history_ is None:
-            # a model from from_pretrained is "trained" without history; let scvi-tools
-            # record the history of this first training run
-            self.is_trained_ = False
-        self.module.train()  # from_pretrained leaves eval mode; Lightning expects train mode
+        # The base runs this in training mode and records the history after from_pretrained.
         super().train(max_epochs=max_epochs, batch_size=batch_size, plan_kwargs=plan, **kwargs)
-        self.module.eval()
 
     # ------------------------------------------------------------------ annotation
     def finetune(
