@@ -1,3 +1,9 @@
 """User-facing models: one scvi-tools ``BaseModelClass`` per foundation model."""
 
-__all__: list[str] = []
+from ._cellfm import CellFM
+from ._cellplm import CellPLM
+from ._geneformer import Geneformer
+from ._sccello import ScCello
+from ._scfoundation import ScFoundation
+
+__all__: list[str] = ["CellFM", "CellPLM", "Geneformer", "ScCello", "ScFoundation"]

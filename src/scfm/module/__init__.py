@@ -1,3 +1,18 @@
 """Networks and losses: one ``BaseModuleClass`` per foundation model."""
 
-__all__: list[str] = []
+from ._cellfm import CellFMModule
+from ._cellplm import CellPLMConfig, CellPLMModule
+from ._geneformer import GeneformerModule
+from ._sccello import ScCelloConfig, ScCelloModule
+from ._scfoundation import ScFoundationConfig, ScFoundationModule
+
+__all__: list[str] = [
+    "CellFMModule",
+    "CellPLMConfig",
+    "CellPLMModule",
+    "GeneformerModule",
+    "ScCelloConfig",
+    "ScCelloModule",
+    "ScFoundationConfig",
+    "ScFoundationModule",
+]

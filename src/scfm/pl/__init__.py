@@ -1,3 +1,7 @@
 """Plots of scfm results (matplotlib / scanpy style)."""
 
-__all__: list[str] = []
+from ._benchmark import benchmark
+from ._perturbation import perturbation_shifts
+from ._sccello import novel_cell_types
+
+__all__: list[str] = ["benchmark", "novel_cell_types", "perturbation_shifts"]
