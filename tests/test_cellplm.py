@@ -263,8 +263,10 @@ def test_path_forms(fx, tmp_path, expected):
     ]:
         m = scfm.model.CellPLM.from_pretrained(path, adata, prefix=prefix)
         _close(m.get_latent_representation(progress_bar=False), expected["cell_embeddings"])
-    with pytest.raises(CheckpointNotFoundError, match="pass prefix"):
-        scfm.model.CellPLM.from_pretrained(ckpt, adata)
+    # the fixture contract: the folder alone gives the newest release (20231027_85M)
+    m = scfm.model.CellPLM.from_pretrained(ckpt, adata)
+    assert m.config.latent_mod == "vae"
+    _close(m.get_latent_representation(progress_bar=False), expected["cell_embeddings"])
     with pytest.raises(CheckpointNotFoundError, match="20231027_85M"):
         scfm.model.CellPLM.from_pretrained(ckpt, adata, prefix="20990101_1M")
     # one model in the folder: prefix optional; a plain state dict + extra entries also load

@@ -265,6 +265,36 @@ class SomaDataModule(TileDBDataModule):
             **kwargs,
         )
         self.gene_index = self._map_genes(query, model, var_id_column)
+        # Batch / label codes must be the model's own (its registry from setup_anndata), not
+        # an encoding fitted on this query, so that e.g. label 3 means the same cell type.
+        self._model_codes = {
+            key: self._registry_categories(model, key, arg)
+            for key, arg in (
+                (REGISTRY_KEYS.BATCH_KEY, "batch_key" if self._has_batch else None),
+                (REGISTRY_KEYS.LABELS_KEY, "labels_key" if labels_key is not None else None),
+            )
+        }
+
+    @staticmethod
+    def _registry_categories(model: Any, registry_key: str, arg: str | None) -> pd.Index | None:
+        if arg is None or model.setup_args.get(arg) is None:
+            return None
+        state = model.adata_manager.get_state_registry(registry_key)
+        return pd.Index(np.asarray(state.categorical_mapping).astype(str))
+
+    def _encode(self, registry_key: str, values: pd.Series) -> torch.Tensor | None:
+        categories = self._model_codes[registry_key]
+        if categories is None:
+            return None
+        codes = categories.get_indexer(values.astype(str))
+        if (codes < 0).any():
+            unknown = sorted(set(values.astype(str)[codes < 0]))[:5]
+            raise InvalidInputError(
+                f"The SOMA query has {registry_key} values the model was not set up with "
+                f"({', '.join(unknown)}). Set the model up with a template holding every "
+                "category, or filter the query."
+            )
+        return torch.as_tensor(codes, dtype=torch.long)[:, None]
 
     @staticmethod
     def _map_genes(query, model, var_id_column: str | None) -> torch.Tensor:
@@ -299,6 +329,14 @@ class SomaDataModule(TileDBDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int) -> dict[str, torch.Tensor]:
         tensors = super().on_before_batch_transfer(batch, dataloader_idx)
+        obs = batch[1]  # the parent added its batch / label columns to it
+        for key, column in (
+            (REGISTRY_KEYS.BATCH_KEY, self.batch_colname),
+            (REGISTRY_KEYS.LABELS_KEY, self.label_colname),
+        ):
+            codes = self._encode(key, obs[column]) if column in obs else None
+            if codes is not None:
+                tensors[key] = codes
         x = tensors[REGISTRY_KEYS.X_KEY]
         if x.ndim == 1:  # tiledbsoma_ml returns a 1-d row for batch_size=1
             x = x[None, :]

@@ -45,8 +45,9 @@ def find_cellplm_checkpoint(
         The checkpoint directory, a path ending in the prefix (``ckpt/20231027_85M``), or one
         of the two files.
     prefix
-        File prefix (e.g. ``"20231027_85M"``); may be omitted when the directory holds one
-        model or when ``path`` already names it.
+        File prefix (e.g. ``"20231027_85M"``); may be omitted when ``path`` names it or
+        the directory holds one model. With several models and no prefix the newest release
+        (the latest date prefix, e.g. ``20231027_85M``) is used.
 
     Returns
     -------
@@ -75,16 +76,22 @@ def find_cellplm_checkpoint(
         )
     available = sorted(f.name[: -len(CONFIG_SUFFIX)] for f in p.glob(f"*{CONFIG_SUFFIX}"))
     if prefix is None:
-        if len(available) != 1:
+        if not available:
             raise CheckpointNotFoundError(
-                f"{str(p)!r} holds {len(available)} CellPLM configs "
-                f"({', '.join(available) or 'none'}); pass prefix='<one of them>'."
-                if available
-                else f"{str(p)!r} holds no '<prefix>{CONFIG_SUFFIX}' file. Pass the directory "
+                f"{str(p)!r} holds no '<prefix>{CONFIG_SUFFIX}' file. Pass the directory "
                 "of the downloaded CellPLM checkpoint (e.g. 20231027_85M.config.json + "
                 "20231027_85M.best.ckpt)."
             )
-        prefix = available[0]
+        # Release prefixes start with their date: the newest one is the default, as the
+        # released Dropbox folder holds both 20230926_85M and 20231027_85M.
+        prefix = available[-1]
+        if len(available) > 1:
+            logger.info(
+                "%s holds CellPLM releases %s; using the newest, %s (pass prefix= to choose).",
+                p,
+                ", ".join(available),
+                prefix,
+            )
     config, ckpt = p / f"{prefix}{CONFIG_SUFFIX}", p / f"{prefix}{CKPT_SUFFIX}"
     for f in (config, ckpt):
         if not f.is_file():
