@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+from scvi.data.fields import ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from scfm.data._cellplm_sentences import (
@@ -26,7 +25,7 @@ from scfm.data._cellplm_sentences import (
 )
 from scfm.data._genes import align_genes, strip_version
 from scfm.data._validation import check_spatial
-from scfm.errors import AnnDataKeyError, InvalidInputError
+from scfm.errors import InvalidInputError
 from scfm.model.base import FoundationModelMixin
 from scfm.module._cellplm import SPATIAL_KEY, CellPLMConfig, CellPLMModule
 from scfm.nn._spatial_encoding import normalize_coordinates
@@ -168,29 +167,21 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if batch_key == DEFAULT_BATCH_KEY and batch_key not in adata.obs.columns:
             logger.info("adata.obs has no 'batch' column: all cells form one CellPLM sentence.")
             batch_key = None
-        cls._validate_adata_for_setup(
-            adata, layer, [("batch_key", batch_key), ("labels_key", labels_key)]
-        )
-        if gene_id_key is not None and gene_id_key not in adata.var.columns:
-            raise AnnDataKeyError(
-                f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: "
-                f"{', '.join(map(str, adata.var.columns)) or 'none'}). Pass the column with "
-                "Ensembl ids or gene_id_key=None."
-            )
-        if spatial_key is not None:
-            has = check_spatial(adata, spatial_key, required=spatial_key != DEFAULT_SPATIAL_KEY)
-            spatial_key = spatial_key if has else None
+        if spatial_key is not None and not check_spatial(
+            adata, spatial_key, required=spatial_key != DEFAULT_SPATIAL_KEY
+        ):
+            spatial_key = None
         setup_method_args = cls._get_setup_method_args(**locals())
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-        ]
-        if spatial_key is not None:
-            fields.append(ObsmField(SPATIAL_KEY, spatial_key))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        cls._register_anndata(
+            adata,
+            setup_method_args,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            gene_id_key=gene_id_key,
+            extra_fields=[ObsmField(SPATIAL_KEY, spatial_key)] if spatial_key else [],
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ loading
     @classmethod

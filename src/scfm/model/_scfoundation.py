@@ -12,13 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.data.fields import NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from scfm.data._genes import align_genes
 from scfm.data._scfoundation_tokenizer import PreNormalized, parse_tgthighres
-from scfm.data._validation import check_anndata, check_counts, check_obs_keys, get_matrix
 from scfm.errors import AnnDataKeyError, CheckpointFormatError, InvalidInputError
 from scfm.io._common import load_state_dict_strict
 from scfm.io._scfoundation import (
@@ -192,32 +190,23 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
                 "pre_normalized='A' needs total_counts_key='<adata.obs column with the raw "
                 "total count of each cell>'."
             )
-        check_anndata(adata)
-        if pre_normalized == "F":
-            check_counts(adata, layer)
-        else:
-            get_matrix(adata, layer)
-        check_obs_keys(adata, [("batch_key", batch_key), ("labels_key", labels_key)])
         if total_counts_key is not None and total_counts_key not in adata.obs.columns:
             raise AnnDataKeyError(
                 f"total_counts_key={total_counts_key!r} is not a column of adata.obs. Store the "
                 "raw total count per cell there, e.g. adata.obs['total_counts'] = counts.sum(1)."
             )
-        if gene_id_key is not None and gene_id_key not in adata.var.columns:
-            raise AnnDataKeyError(
-                f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: "
-                f"{', '.join(map(str, adata.var.columns)) or 'none'})."
-            )
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=pre_normalized == "F"),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-        ]
-        if total_counts_key is not None:
-            fields.append(NumericalObsField(TOTAL_COUNTS_KEY, total_counts_key))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        extra = [NumericalObsField(TOTAL_COUNTS_KEY, total_counts_key)] if total_counts_key else []
+        cls._register_anndata(
+            adata,
+            setup_method_args,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            gene_id_key=gene_id_key,
+            extra_fields=extra,
+            counts=pre_normalized == "F",
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -86,14 +86,55 @@ class FoundationModelMixin:
         adata: ad.AnnData,
         layer: str | None,
         obs_keys: Sequence[tuple[str, str | None]] = (),
+        *,
+        counts: bool | None = None,
     ) -> None:
         """Run every input check ``setup_anndata`` needs, before anything is registered."""
         check_anndata(adata)
-        if cls._requires_counts:
+        if cls._requires_counts if counts is None else counts:
             check_counts(adata, layer)  # also checks that the layer exists
         else:
             get_matrix(adata, layer)
         check_obs_keys(adata, obs_keys)
+
+    @classmethod
+    def _register_anndata(
+        cls,
+        adata: ad.AnnData,
+        setup_method_args: dict,
+        *,
+        layer: str | None,
+        batch_key: str | None,
+        labels_key: str | None,
+        gene_id_key: str | None,
+        extra_fields: Sequence[Any] = (),
+        counts: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Check ``adata`` and register the standard fields plus model-specific ones.
+
+        Models with extra inputs (coordinates, total counts) validate those first, then call
+        this with their scvi-tools fields in ``extra_fields``.
+        """
+        counts = cls._requires_counts if counts is None else counts
+        cls._validate_adata_for_setup(
+            adata, layer, [("batch_key", batch_key), ("labels_key", labels_key)], counts=counts
+        )
+        if gene_id_key is not None and gene_id_key not in adata.var.columns:
+            raise AnnDataKeyError(
+                f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: "
+                f"{', '.join(map(str, adata.var.columns)) or 'none'}). Pass the column with "
+                "the model's gene ids, or gene_id_key=None to use adata.var_names."
+            )
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=counts),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            *extra_fields,
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
 
     @classmethod
     def setup_anndata(
@@ -130,22 +171,15 @@ class FoundationModelMixin:
         ``adata.obs["_scvi_labels"]``; nothing else of ``adata`` is changed.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        cls._validate_adata_for_setup(
-            adata, layer, [("batch_key", batch_key), ("labels_key", labels_key)]
+        cls._register_anndata(
+            adata,
+            setup_method_args,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            gene_id_key=gene_id_key,
+            **kwargs,
         )
-        if gene_id_key is not None and gene_id_key not in adata.var.columns:
-            raise AnnDataKeyError(
-                f"gene_id_key={gene_id_key!r} is not a column of adata.var (columns: "
-                f"{', '.join(map(str, adata.var.columns)) or 'none'})."
-            )
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=cls._requires_counts),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-        ]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
 
     @classmethod
     def setup_mudata(cls, mdata: MuData, rna_modality: str = "rna", **kwargs: Any) -> None:
