@@ -1,0 +1,320 @@
+"""Geneformer release variants built from the fixture: V1 layout and BioNeMo checkpoints.
+
+Expected values come from an independent float64 numpy re-implementation (per cell, no
+padding, eager softmax attention) of the reference forward pass and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import tarfile
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import scfm
+from conftest import fixture_dir
+from scfm.errors import CheckpointKeyError
+from scfm.model import Geneformer
+
+ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- numpy reference
+
+
+def _ln(x, w, b, eps=1e-12):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def _gelu(x):
+    from math import erf, sqrt
+
+    return 0.5 * x * (1 + np.vectorize(erf)(x / sqrt(2)))
+
+
+def _reference_hidden_states(sd, ids, n_layers, n_heads, pre_ln=False, act="relu"):
+    """HF BERT (post-LN) or Megatron BERT (pre-LN) forward of one unpadded cell, float64."""
+    g = {k: v.double().numpy() for k, v in sd.items()}
+    f = (lambda x: np.maximum(x, 0)) if act == "relu" else _gelu
+    x = g["bert.embeddings.word_embeddings.weight"][ids]
+    x = x + g["bert.embeddings.position_embeddings.weight"][: len(ids)]
+    if not pre_ln:
+        x = x + g["bert.embeddings.token_type_embeddings.weight"][0]
+        x = _ln(x, g["bert.embeddings.LayerNorm.weight"], g["bert.embeddings.LayerNorm.bias"])
+    states = [x]
+    for i in range(n_layers):
+        p = f"bert.encoder.layer.{i}."
+
+        def lin(h, name, p=p):
+            return h @ g[p + name + ".weight"].T + g[p + name + ".bias"]
+
+        h = (
+            _ln(x, g[p + "attention.LayerNorm.weight"], g[p + "attention.LayerNorm.bias"])
+            if pre_ln
+            else x
+        )
+        n, d = h.shape
+        hd = d // n_heads
+        q, k, v = (
+            lin(h, f"attention.self.{m}").reshape(n, n_heads, hd).transpose(1, 0, 2)
+            for m in ("query", "key", "value")
+        )
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        ctx = (a @ v).transpose(1, 0, 2).reshape(n, d)
+        if pre_ln:
+            x = x + lin(ctx, "attention.output.dense")
+            h = _ln(x, g[p + "intermediate.LayerNorm.weight"], g[p + "intermediate.LayerNorm.bias"])
+            x = x + lin(f(lin(h, "intermediate.dense")), "output.dense")
+            if i == n_layers - 1:
+                x = _ln(
+                    x,
+                    g["bert.encoder.final_layernorm.weight"],
+                    g["bert.encoder.final_layernorm.bias"],
+                )
+        else:
+            a1 = _ln(
+                x + lin(ctx, "attention.output.dense"),
+                g[p + "attention.output.LayerNorm.weight"],
+                g[p + "attention.output.LayerNorm.bias"],
+            )
+            x = _ln(
+                a1 + lin(f(lin(a1, "intermediate.dense")), "output.dense"),
+                g[p + "output.LayerNorm.weight"],
+                g[p + "output.LayerNorm.bias"],
+            )
+        states.append(x)
+    return states
+
+
+def _reference_tokens(adata, token_dict, median_dict, max_genes):
+    """Per-cell rank-value encoding without id collapsing (V1 has no mapping dictionary)."""
+    x = adata.X.toarray().astype(np.float64)
+    cols = [i for i, g in enumerate(adata.var_names) if g in token_dict and g in median_dict]
+    out = []
+    for row in x:
+        vals = (
+            row[cols]
+            / row.sum()
+            * 10_000
+            / np.array([median_dict[adata.var_names[c]] for c in cols])
+        )
+        nz = np.flatnonzero(row[cols] > 0)
+        order = nz[np.argsort(-vals[nz], kind="stable")][:max_genes]
+        out.append(np.array([token_dict[adata.var_names[cols[j]]] for j in order]))
+    return out
+
+
+# ---------------------------------------------------------------- V1 layout
+
+
+@pytest.fixture(scope="module")
+def v1_dir(tmp_path_factory):
+    """The fixture model re-saved as a V1 release: no <cls>/<eos>, 2048 input, .bin weights."""
+    src = fixture_dir("geneformer") / "checkpoint"
+    dst = tmp_path_factory.mktemp("v1") / "Geneformer-V1-tiny"
+    dst.mkdir()
+    with open(src / "token_dictionary_gc104M.pkl", "rb") as fh:
+        tokens = pickle.load(fh)
+    keep = [0, 1, *range(4, len(tokens))]
+    v1_tokens = {"<pad>": 0, "<mask>": 1}
+    v1_tokens.update({g: np.int16(i - 2) for g, i in tokens.items() if i >= 4})
+    with open(dst / "token_dictionary_gc30M.pkl", "wb") as fh:
+        pickle.dump(v1_tokens, fh)
+    shutil.copy(src / "gene_median_dictionary_gc104M.pkl", dst / "gene_median_dictionary_gc30M.pkl")
+    state = load_file(src / "model.safetensors")
+    state["bert.embeddings.word_embeddings.weight"] = state[
+        "bert.embeddings.word_embeddings.weight"
+    ][keep]
+    state["cls.predictions.bias"] = state["cls.predictions.bias"][keep]
+    state["bert.embeddings.position_embeddings.weight"] = state[
+        "bert.embeddings.position_embeddings.weight"
+    ][:2048]
+    state["bert.embeddings.position_ids"] = torch.arange(2048)[None]
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    torch.save(state, dst / "pytorch_model.bin")
+    config = json.loads((src / "config.json").read_text())
+    config.update(vocab_size=len(keep), max_position_embeddings=2048, transformers_version="4.6.0")
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst, state, v1_tokens
+
+
+def test_v1_layout_tokens_and_embeddings(v1_dir):
+    path, state, tokens = v1_dir
+    fx = fixture_dir("geneformer")
+    adata = ad.read_h5ad(fx / "input.h5ad")
+    Geneformer.setup_anndata(adata)
+    model = Geneformer.from_pretrained(path, adata)
+    assert model.variant == "V1" and model.module.input_size == 2048
+    with open(path / "gene_median_dictionary_gc30M.pkl", "rb") as fh:
+        medians = pickle.load(fh)
+    ref_tokens = _reference_tokens(adata, tokens, medians, 2048)
+    ids, lengths = model.get_tokens()
+    for i, ref in enumerate(ref_tokens):
+        np.testing.assert_array_equal(ids[i, : lengths[i]], ref)
+    z = model.get_latent_representation(progress_bar=False)  # V1 default: mean, layer -2
+    z_last = model.get_latent_representation(layer=-1, progress_bar=False)
+    for i in (0, 7, 33):
+        states = _reference_hidden_states(state, ref_tokens[i], 3, 4)
+        np.testing.assert_allclose(z[i], states[2].mean(0), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(z_last[i], states[3].mean(0), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- BioNeMo
+
+
+def _to_nemo2(sd, heads):
+    """Our pre-LN module names -> Megatron-core NeMo2 names (fused, head-interleaved QKV)."""
+    out = {}
+    n_layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("bert.encoder.layer."))
+    out["embedding.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+    out["embedding.position_embeddings.weight"] = sd["bert.embeddings.position_embeddings.weight"]
+    for i in range(n_layers):
+        p, m = f"bert.encoder.layer.{i}.", f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = (sd[f"{p}attention.self.{n}.{kind}"] for n in ("query", "key", "value"))
+            h = q.shape[0]
+            parts = [t.reshape(heads, h // heads, *t.shape[1:]) for t in (q, k, v)]
+            out[f"{m}self_attention.linear_qkv.{kind}"] = torch.stack(parts, 1).reshape(
+                3 * h, *q.shape[1:]
+            )
+            out[f"{m}self_attention.linear_qkv.layer_norm_{kind}"] = sd[
+                f"{p}attention.LayerNorm.{kind}"
+            ]
+            out[f"{m}self_attention.linear_proj.{kind}"] = sd[f"{p}attention.output.dense.{kind}"]
+            out[f"{m}mlp.linear_fc1.layer_norm_{kind}"] = sd[f"{p}intermediate.LayerNorm.{kind}"]
+            out[f"{m}mlp.linear_fc1.{kind}"] = sd[f"{p}intermediate.dense.{kind}"]
+            out[f"{m}mlp.linear_fc2.{kind}"] = sd[f"{p}output.dense.{kind}"]
+        out[f"{m}self_attention.core_attention._extra_state"] = torch.zeros(3)
+    for kind in ("weight", "bias"):
+        out[f"encoder.final_layernorm.{kind}"] = sd[f"bert.encoder.final_layernorm.{kind}"]
+        out[f"lm_head.dense.{kind}"] = sd[f"cls.predictions.transform.dense.{kind}"]
+        out[f"lm_head.layer_norm.{kind}"] = sd[f"cls.predictions.transform.LayerNorm.{kind}"]
+    out["output_layer.bias"] = sd["cls.predictions.bias"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def bionemo(tmp_path_factory):
+    fx = fixture_dir("geneformer")
+    adata = ad.read_h5ad(fx / "input.h5ad")
+    Geneformer.setup_anndata(adata)
+    model = Geneformer(
+        adata,
+        variant="bionemo",
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_act="gelu",
+        vocab_size=25472,
+    )
+    gen = torch.Generator().manual_seed(3)
+    sd = {
+        k: v + 0.3 * torch.randn(v.shape, generator=gen)
+        for k, v in model.module.state_dict().items()
+    }
+    return adata, sd, _to_nemo2(sd, heads=2)
+
+
+def _bionemo_expected(adata, sd, idx):
+    dicts = scfm.data.load_geneformer_dictionaries(version="V1")
+    from scfm.model._geneformer import bionemo_token_dictionary
+
+    tokens = bionemo_token_dictionary(dicts.token_dictionary)
+    ref = _reference_tokens(adata, tokens, dicts.gene_median_dictionary, 2047)
+    out = []
+    for i in idx:
+        ids = np.concatenate([[0], ref[i]])
+        final = _reference_hidden_states(sd, ids, 2, 2, pre_ln=True, act="gelu")[-1]
+        out.append(final[1 : len(ids) - 1].mean(0))  # BioNeMo drops [CLS] and the last token
+    return np.array(out)
+
+
+def test_bionemo_nemo2_torch_file(bionemo, tmp_path):
+    adata, sd, nemo2 = bionemo
+    path = tmp_path / "geneformer_10M_240530.pt"
+    torch.save({f"module.{k}": v for k, v in nemo2.items()}, path)
+    model = Geneformer.from_pretrained(path, adata, num_attention_heads=2)
+    assert model.variant == "bionemo" and model.module.config.pre_layer_norm
+    z = model.get_latent_representation(progress_bar=False)
+    idx = [0, 5, 40]
+    np.testing.assert_allclose(z[idx], _bionemo_expected(adata, sd, idx), atol=ATOL, rtol=0)
+    ids, _lengths = model.get_tokens(indices=[0])
+    assert ids[0, 0] == 0 and ids[0, 1] >= 5  # [CLS] then genes at V1 id + 3
+
+
+def test_bionemo_distributed_checkpoint_dir(bionemo, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    adata, sd, nemo2 = bionemo
+    weights = tmp_path / "ckpt" / "weights"
+    dcp.save(
+        {f"module.{k}": v.clone() for k, v in nemo2.items()},
+        checkpoint_id=str(weights),
+        no_dist=True,
+    )
+    model = Geneformer.from_pretrained(tmp_path / "ckpt", adata, num_attention_heads=2)
+    idx = [3]
+    z = model.get_latent_representation(indices=idx, progress_bar=False)
+    np.testing.assert_allclose(z, _bionemo_expected(adata, sd, idx), atol=ATOL, rtol=0)
+
+
+def test_bionemo_nemo1_tarball(bionemo, tmp_path):
+    adata, sd, nemo2 = bionemo
+    renames = [
+        ("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+        ("mlp.linear_fc1.layer_norm_", "post_attention_layernorm."),
+        ("linear_qkv", "query_key_value"),
+        ("linear_proj", "dense"),
+        ("linear_fc1", "dense_h_to_4h"),
+        ("linear_fc2", "dense_4h_to_h"),
+        ("lm_head.layer_norm", "lm_head.layernorm"),
+        ("output_layer.bias", "lm_head.bias"),
+    ]
+    nemo1 = {}
+    for k, v in nemo2.items():
+        for old, new in renames:
+            k = k.replace(old, new)
+        prefix = "model." if k.startswith("lm_head") else "model.language_model."
+        nemo1[prefix + k] = v
+    (tmp_path / "x").mkdir()
+    torch.save({"state_dict": nemo1}, tmp_path / "x" / "model_weights.ckpt")
+    with tarfile.open(tmp_path / "geneformer.nemo", "w") as tar:
+        tar.add(tmp_path / "x" / "model_weights.ckpt", arcname="./model_weights.ckpt")
+    model = Geneformer.from_pretrained(tmp_path / "geneformer.nemo", adata, num_attention_heads=2)
+    idx = [9]
+    z = model.get_latent_representation(indices=idx, progress_bar=False)
+    np.testing.assert_allclose(z, _bionemo_expected(adata, sd, idx), atol=ATOL, rtol=0)
+
+
+def test_bionemo_strict_keys(bionemo, tmp_path):
+    adata, _, nemo2 = bionemo
+    bad = dict(nemo2)
+    del bad["encoder.layers.1.mlp.linear_fc2.bias"]
+    bad["encoder.layers.0.mlp.router.weight"] = torch.zeros(2)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointKeyError, match="router"):
+        Geneformer.from_pretrained(tmp_path / "bad.pt", adata, num_attention_heads=2)
+    del bad["encoder.layers.0.mlp.router.weight"]
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointKeyError, match=r"layer\.1\.output\.dense\.bias"):
+        Geneformer.from_pretrained(tmp_path / "bad.pt", adata, num_attention_heads=2)
