@@ -315,3 +315,22 @@ def test_training_precision_passes_through_to_lightning(pbmc, checkpoint):
     model.train(max_epochs=1, precision="bf16-mixed", accelerator="cpu", enable_progress_bar=False)
     assert model.trainer.precision == "bf16-mixed"
     assert np.isfinite(model.history["train_loss"].iloc[:, 0].to_numpy(dtype=float)).all()
+
+
+def test_other_anndata_must_have_the_model_genes(pbmc, checkpoint):
+    ToyModel.setup_anndata(pbmc)
+    model = ToyModel.from_pretrained(checkpoint, pbmc)
+    reordered = pbmc[:, pbmc.var_names[::-1]].copy()
+    ToyModel.setup_anndata(reordered)
+    with pytest.raises(InvalidInputError, match="var_names differ"):
+        model.get_latent_representation(reordered, progress_bar=False)
+    same = pbmc[:5].copy()  # inherits pbmc's scvi-tools id
+    ToyModel.setup_anndata(same)
+    assert same.uns["_scvi_uuid"] != pbmc.uns["_scvi_uuid"]
+    np.testing.assert_allclose(
+        model.get_latent_representation(same, progress_bar=False),
+        model.get_latent_representation(indices=np.arange(5), progress_bar=False),
+        atol=1e-6,
+    )
+    # the original is still registered and usable
+    assert model.get_latent_representation(pbmc, progress_bar=False).shape[0] == pbmc.n_obs

@@ -190,8 +190,6 @@ class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass
             n_labels=len(classifier_labels or []),
         )
         self.classifier_labels = list(classifier_labels) if classifier_labels else None
-        # The tokenizer tables follow this gene order; other AnnData must use the same genes.
-        self._var_names = pd.Index(adata.var_names).copy()
         self._set_gene_alignment(adata, alignment)
         self.init_params_ = self._get_init_params(locals())
 
@@ -336,39 +334,10 @@ class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass
         )
         return model
 
-    def _validate_anndata(self, adata: ad.AnnData | None = None, copy_if_view: bool = True):
-        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
-        names = getattr(self, "_var_names", None)  # unset while BaseModelClass initialises
-        if names is not None and not adata.var_names.equals(names):
-            raise InvalidInputError(
-                "adata.var_names differ from those of the AnnData the model was built on; "
-                "the tokenizer maps genes by position. Subset / reorder the genes to the "
-                "model's (adata[:, model.adata.var_names]) or build the model on this AnnData."
-            )
-        return adata
-
     # ------------------------------------------------------------------ minibatching
-    def _length_per_cell(self, adata: ad.AnnData, cells: np.ndarray) -> np.ndarray:
-        """Count the expressed vocabulary genes of each cell (the token count before truncation)."""
-        import scipy.sparse as sp
-
-        from scfm.data._validation import get_matrix
-
-        cols = np.flatnonzero(self.module.gene_token_ids.cpu().numpy() >= 0)
-        x = get_matrix(adata, self.adata_manager.registry["setup_args"].get("layer"))
-        sub = x[cells][:, cols]
-        nnz = (sub > 0).sum(1) if sp.issparse(sub) else (np.asarray(sub) > 0).sum(1)
-        return np.asarray(nnz).reshape(-1)
-
-    def _minibatch_indices(
-        self, adata: ad.AnnData, indices: np.ndarray, batch_size: int
-    ) -> list[np.ndarray]:
-        """Group cells of similar length so that padding to the longest cell stays small."""
-        if len(indices) <= batch_size:
-            return [indices]
-        order = np.argsort(-self._length_per_cell(adata, indices), kind="stable")
-        ranked = indices[order]
-        return [ranked[i : i + batch_size] for i in range(0, len(ranked), batch_size)]
+    def _length_columns(self) -> np.ndarray:
+        # Cells of similar length share a minibatch so that padding to the longest stays small.
+        return np.flatnonzero(self.module.gene_token_ids.cpu().numpy() >= 0)
 
     # ------------------------------------------------------------------ embeddings
     def _defaults(self, pooling: str | None, layer: int | None) -> tuple[str, int]:
@@ -538,14 +507,10 @@ class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass
         """
         plan = {"optimizer": "AdamW", "eps": 1e-8, "weight_decay": 0.001, "lr": 1e-3}
         plan.update(plan_kwargs or {})
-        # from_pretrained / inference leave the module in eval mode; dropout belongs to training.
-        self.module.train()
-        try:
-            return super().train(
-                max_epochs=max_epochs, batch_size=batch_size, plan_kwargs=plan, **kwargs
-            )
-        finally:
-            self.module.eval()
+        # The base runs this in training mode (dropout on) and records the history.
+        return super().train(
+            max_epochs=max_epochs, batch_size=batch_size, plan_kwargs=plan, **kwargs
+        )
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(

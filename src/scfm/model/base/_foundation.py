@@ -34,6 +34,7 @@ import torch
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
+from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField
 from tqdm.auto import tqdm
 
@@ -132,6 +133,12 @@ class FoundationModelMixin:
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             *extra_fields,
         ]
+        # A copy of a registered AnnData (adata[:n].copy()) inherits its scvi-tools id; with
+        # a shared id, registering the copy would unregister the original. Give it its own.
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        registered = cls._setup_adata_manager_store.get(uuid) if uuid is not None else None
+        if registered is not None and registered.adata is not adata:
+            del adata.uns[_SCVI_UUID_KEY]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -233,7 +240,18 @@ class FoundationModelMixin:
     ) -> ad.AnnData:
         if adata is not None:
             adata = self._registered_modality(adata)
-        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        # Every model maps genes by column position (aligned once to its vocabulary), so
+        # another AnnData must have exactly the model's genes in the model's order.
+        own = getattr(self, "_adata", None)  # unset while BaseModelClass initialises
+        if own is not None and adata is not own and not adata.var_names.equals(own.var_names):
+            raise InvalidInputError(
+                "adata.var_names differ from those of the AnnData the model was built on "
+                f"({adata.n_vars} vs {own.n_vars} genes, or another order). Subset / reorder "
+                "the genes with adata[:, model.adata.var_names], or build the model on this "
+                "AnnData."
+            )
+        return adata
 
     @property
     def setup_args(self) -> dict[str, Any]:
