@@ -24,7 +24,13 @@ from torch import nn
 
 from scfm.data._geneformer_tokenizer import rank_value_encode
 from scfm.errors import InvalidInputError
-from scfm.nn._bert import BertConfig, BertEmbeddings, BertModel, _activation, make_key_padding_mask
+from scfm.nn._bert import (
+    BertConfig,
+    BertEmbeddings,
+    BertModel,
+    get_activation,
+    make_key_padding_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +171,7 @@ class ScCelloPredictionHead(nn.Module):
         super().__init__()
         self.dense_1 = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.transform_act_fn = _activation(config.hidden_act)
+        self.transform_act_fn = get_activation(config.hidden_act)
         self.dense_2 = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.hidden_size))
 

@@ -1,7 +1,14 @@
 """Building blocks shared by the modules (attention, encoders, embeddings, latents)."""
 
 from ._autobin import AutoDiscretizationEmbedding
-from ._bert import BertConfig, BertEncoder, BertLMHead, BertModel, make_key_padding_mask
+from ._bert import (
+    BertConfig,
+    BertEncoder,
+    BertLMHead,
+    BertModel,
+    get_activation,
+    make_key_padding_mask,
+)
 from ._flowformer import FlowAttention, FlowformerEncoder, FlowformerLayer
 from ._gmvae import GMVAELatent, VAELatent
 from ._performer import FastAttention, Performer, PerformerModule, softmax_kernel
@@ -27,6 +34,7 @@ __all__: list[str] = [
     "RetentionLayer",
     "Sinusoidal2dPE",
     "VAELatent",
+    "get_activation",
     "make_key_padding_mask",
     "normalize_coordinates",
     "softmax_kernel",

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scfm.errors import InvalidInputError
+
 __all__ = [
     "BertConfig",
     "BertEmbeddings",
@@ -39,6 +41,7 @@ __all__ = [
     "BertOutputs",
     "BertPooler",
     "attention_flops",
+    "get_activation",
     "make_key_padding_mask",
 ]
 
@@ -57,11 +60,12 @@ _ACTIVATIONS = {
 }
 
 
-def _activation(name: str) -> nn.Module:
+def get_activation(name: str) -> nn.Module:
+    """The activation module for a config's ``hidden_act`` name (``"relu"``, ``"gelu"``, ...)."""
     try:
         return _ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(
+        raise InvalidInputError(
             f"hidden_act={name!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
         ) from None
 
@@ -123,11 +127,11 @@ class BertConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise InvalidInputError(
                 f"hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}."
             )
-        _activation(self.hidden_act)
+        get_activation(self.hidden_act)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> BertConfig:
@@ -314,7 +318,7 @@ class BertIntermediate(nn.Module):
             else None
         )
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.intermediate_act_fn = _activation(config.hidden_act)
+        self.intermediate_act_fn = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.LayerNorm is None else self.LayerNorm(x)
@@ -530,7 +534,7 @@ class _BertPredictionHeadTransform(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.transform_act_fn = _activation(config.hidden_act)
+        self.transform_act_fn = get_activation(config.hidden_act)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
