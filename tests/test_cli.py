@@ -120,3 +120,37 @@ def test_demo_runs_offline(tmp_path):
     assert adata.obs["leiden"].nunique() > 1
     assert -1 <= result["ari"] <= 1 and 0 <= result["nmi"] <= 1
     assert result["epochs"] >= 1 and np.isfinite(result["final_loss"])
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        ("scfoundation", []),
+        ("cellfm", ["--option", "n_heads=4"]),
+        ("sccello", []),
+        ("cellplm", ["--option", "prefix=20231027_85M"]),
+    ],
+)
+def test_embed_every_model_matches_its_fixture(tmp_path, model, options):
+    fx = fixture_dir(model)
+    expected = np.load(fx / "expected.npz")
+    out = tmp_path / f"{model}.h5ad"
+    args = ["embed", str(fx / "input.h5ad"), "--model", model, "--checkpoint"]
+    assert main([*args, str(fx / "checkpoint"), "--output", str(out), *options]) == 0
+    z = ad.read_h5ad(out).obsm[f"X_{model}"]
+    ref = expected["cell_embeddings"]
+    if "cell_index" in expected.files:
+        ref = ref[np.argsort(expected["cell_index"])]
+    np.testing.assert_allclose(z, ref, atol=1e-4, rtol=0)
+
+
+def test_option_parsing():
+    from scfm.cli import _parse_options
+
+    assert _parse_options(["n_heads=48", "prefix=20231027_85M", "flag=True"]) == {
+        "n_heads": 48,
+        "prefix": "20231027_85M",
+        "flag": True,
+    }
+    with pytest.raises(InvalidInputError, match="NAME=VALUE"):
+        _parse_options(["n_heads"])

@@ -62,6 +62,22 @@ def _setup_kwargs(cls: type, args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _parse_options(pairs: Sequence[str] | None) -> dict:
+    """``["n_heads=4", "prefix=20231027_85M"]`` -> ``{"n_heads": 4, "prefix": "20231027_85M"}``."""
+    import ast
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise InvalidInputError(f"--option {pair!r} must look like NAME=VALUE.")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # plain strings need no quotes
+    return options
+
+
 def embed(args: argparse.Namespace) -> Path:
     """Run ``scfm embed``: write embeddings of INPUT to OUTPUT, leaving everything else as is.
 
@@ -85,7 +101,7 @@ def embed(args: argparse.Namespace) -> Path:
     # model's in-memory (or backed, read-only) copy, never the file.
     work = ad.read_h5ad(src, backed="r" if args.backed else None)
     cls.setup_anndata(work, **setup_kwargs)
-    model = cls.from_pretrained(args.checkpoint, work)
+    model = cls.from_pretrained(args.checkpoint, work, **_parse_options(args.option))
     key = args.key_added or model.default_key
     z = model.get_latent_representation(batch_size=args.batch_size)
     varm = None
@@ -170,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="cells per minibatch")
     p.add_argument("--key-added", help="obsm/varm key (default X_<model>)")
     p.add_argument("--no-gene-embeddings", action="store_true", help="skip .varm output")
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="model option passed to from_pretrained, e.g. n_heads=48 (CellFM) or "
+        "prefix=20231027_85M (CellPLM); repeatable",
+    )
     p.add_argument(
         "--backed",
         action="store_true",
