@@ -139,13 +139,28 @@ class _SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor:
         b, n, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        if lengths is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:
+            # Inference with right-padded cells: attend within each cell's own tokens without
+            # a mask, which lets SDPA use its fused (flash) CPU/GPU kernel instead of
+            # materialising masked (n x n) scores. Padded query rows are left at zero.
+            out = q.new_zeros(q.shape)
+            for i, m in enumerate(lengths):
+                out[i, :, :m] = F.scaled_dot_product_attention(
+                    q[i : i + 1, :, :m], k[i : i + 1, :, :m], v[i : i + 1, :, :m]
+                )[0]
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -161,8 +176,13 @@ class _EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask, lengths)))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout(ff))
 
@@ -180,8 +200,15 @@ class ScFoundationEncoder(nn.Module):
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """Encode ``x`` ``(b, n, dim)``; ``padding`` ``(b, n)`` is ``True`` at padded keys."""
         attn_mask = None if not bool(padding.any()) else ~padding[:, None, None, :]
+        lengths = None
+        if attn_mask is not None and not self.training:
+            n_valid = (~padding).sum(1)
+            right_padded = torch.equal(
+                padding, torch.arange(padding.shape[1], device=padding.device) >= n_valid[:, None]
+            )
+            lengths = n_valid.tolist() if right_padded else None
         for layer in self.transformer_encoder:
-            x = layer(x, attn_mask)
+            x = layer(x, attn_mask, lengths)
         return self.norm(x)
 
 
