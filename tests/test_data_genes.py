@@ -63,7 +63,7 @@ def test_real_pbmc_symbols_align_to_geneformer_vocabulary(caplog):
     )
     with caplog.at_level(logging.WARNING):
         alignment = align_genes(adata.var, vocab, id_type="ensembl", model_name="Geneformer")
-    assert "converted them with the bundled GENCODE v48 table" in caplog.text
+    assert "after conversion with the bundled GENCODE v48 table" in caplog.text
     # most PBMC symbols have an Ensembl id in the V1 vocabulary
     assert alignment.n_matched > 0.8 * adata.n_vars
     assert "GENCODE" in alignment.source
@@ -97,3 +97,13 @@ def test_too_few_genes_message_names_the_fix():
     assert "0 of 3 genes" in message
     assert "Ensembl ids expected" in message
     assert "gene_id_key=" in message and "map_gene_ids" in message
+
+
+def test_mixed_symbol_and_ensembl_ids_are_all_matched(caplog):
+    vocab = ["<pad>", "ENSG00000141510", "ENSG00000198851", "ENSG00000010610"]
+    var = pd.DataFrame(index=["ENSG00000141510.4", "CD3E", "CD4", "UNKNOWN1"])
+    with caplog.at_level(logging.WARNING):
+        alignment = align_genes(var, vocab, model_name="Geneformer")
+    np.testing.assert_array_equal(alignment.var_index, [0, 1, 2])
+    np.testing.assert_array_equal(alignment.vocab_index, [1, 2, 3])
+    assert "2 more genes matched" in caplog.text

@@ -285,21 +285,26 @@ def align_genes(
     query = strip_version(ids) if id_type == "ensembl" else ids
     found = _match(query)
     given = detect_id_type(ids)
-    if convert and (found >= 0).sum() < max(min_genes, 0.5 * len(ids)) and given != id_type:
-        converted = map_gene_ids(ids, to=id_type)
+    if convert and given != id_type and (found < 0).any():
+        # Symbols for an Ensembl vocabulary (or the reverse), or a mix of both: convert the
+        # ids that do not match as given and keep those that do.
+        missing = np.flatnonzero(found < 0)
+        converted = map_gene_ids(ids[missing], to=id_type)
         alt = _match(pd.Index(converted.fillna("").astype(str)))
-        if (alt >= 0).sum() > (found >= 0).sum():
+        n_new = int((alt >= 0).sum())
+        if n_new:
             logger.warning(
-                "Gene ids in %s look like %s ids but %s expects %s ids: converted them with "
-                "the bundled GENCODE v48 table (%d matched instead of %d).",
+                "Gene ids in %s look like %s ids but %s expects %s ids: %d more genes matched "
+                "after conversion with the bundled GENCODE v48 table (%d matched as given).",
                 source,
                 given,
                 model_name,
                 id_type,
-                int((alt >= 0).sum()),
+                n_new,
                 int((found >= 0).sum()),
             )
-            found = alt
+            found = found.copy()
+            found[missing] = alt
             source = f"{source} converted with GENCODE v48"
 
     # Keep the first occurrence of each vocabulary entry.
