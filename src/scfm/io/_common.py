@@ -152,7 +152,18 @@ def load_pickle_dict(path: str | os.PathLike, *, what: str = "dictionary") -> di
     try:
         with open(p, "rb") as fh:
             obj = _RestrictedUnpickler(fh).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        TypeError,
+        ValueError,
+        OverflowError,
+    ) as err:
+        # A text file or another format read as a pickle fails in any of these ways.
         raise CheckpointFormatError(
             f"The {what} {str(p)!r} cannot be read as a plain pickled dictionary ({err}). "
             "Pass the file shipped with the model release."
