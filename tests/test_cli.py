@@ -154,3 +154,24 @@ def test_option_parsing():
     }
     with pytest.raises(InvalidInputError, match="NAME=VALUE"):
         _parse_options(["n_heads"])
+
+
+def test_cli_bad_inputs_exit_with_a_message(tmp_path, capsys):
+    fx = fixture_dir("geneformer")
+    ckpt = str(fx / "checkpoint")
+    src = str(fx / "input.h5ad")
+    cases = [
+        (["embed", str(tmp_path / "missing.h5ad"), "--model", "geneformer"], "does not exist"),
+        (["embed", src, "--model", "geneformer", "--output", src], "must differ"),
+        (["embed", src, "--model", "cellfm", "--option", "n_heads"], "NAME=VALUE"),
+        (["embed", src, "--model", "geneformer", "--layer", "counts"], "layers"),
+        (["embed", src, "--model", "geneformer", "--batch-key", "donor"], "batch_key='donor'"),
+    ]
+    for args, message in cases:
+        if "--output" not in args:
+            args = [*args, "--output", str(tmp_path / "out.h5ad")]
+        code = main([*args, "--checkpoint", ckpt])
+        err = capsys.readouterr().err
+        assert code == 2, args
+        assert message in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "out.h5ad").exists()
