@@ -111,6 +111,11 @@ def test_overexpress_all_cells_and_plot(loaded):
     ax = scfm.pl.perturbation_shifts(adata, "ox", n_top=5, gene_symbols="gene_symbols")
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert len(labels) == 5 and all(not s.startswith("ENSG") for s in labels)
+    ax = scfm.pl.perturbation_shifts(adata, "ox", n_top=5, gene_symbols="gencode")
+    top = adata.uns["ox"].sort_values("shift", ascending=False).index[:5]
+    symbols = scfm.data.map_gene_ids(top, to="symbol")
+    expected = {s if isinstance(s, str) else g for g, s in symbols.items()}
+    assert {t.get_text() for t in ax.get_yticklabels()} == expected
 
 
 def test_symbols_and_errors(loaded):

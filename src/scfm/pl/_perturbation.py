@@ -36,7 +36,9 @@ def perturbation_shifts(
         Number of genes to show.
     gene_symbols
         Column of ``adata.var`` with display names for the (Ensembl) gene ids, indexed by
-        ``adata.var_names``; ``None`` shows the ids.
+        ``adata.var_names``; ``"gencode"`` looks the symbols up in the bundled GENCODE v48
+        table (useful when ``var_names`` were symbols converted to Ensembl ids); ``None``
+        shows the ids.
     ax
         Axes to draw into; a new figure otherwise.
     show
@@ -55,7 +57,12 @@ def perturbation_shifts(
         )
     table = adata.uns[key].sort_values("shift", ascending=False).head(n_top)
     labels = table.index.astype(str)
-    if gene_symbols is not None:
+    if gene_symbols == "gencode":
+        from scfm.data import map_gene_ids
+
+        symbols = map_gene_ids(labels, to="symbol")
+        labels = [s if isinstance(s, str) else g for g, s in zip(labels, symbols)]
+    elif gene_symbols is not None:
         if gene_symbols not in adata.var.columns:
             raise AnnDataKeyError(f"gene_symbols={gene_symbols!r} is not a column of adata.var.")
         names = adata.var[gene_symbols].astype(str)
