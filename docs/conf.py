@@ -36,6 +36,8 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 # Tutorials are executed when SCFM_DOCS_EXECUTE=1 (CI's docs job); a plain build only renders.
 nb_execution_mode = "cache" if os.environ.get("SCFM_DOCS_EXECUTE") == "1" else "off"
 nb_execution_timeout = 600
+# A tutorial that stops working fails the docs build (and CI) instead of rendering a traceback.
+nb_execution_raise_on_error = True
 
 intersphinx_mapping = {
     "python": ("https://docs.python.org/3", None),
