@@ -28,6 +28,20 @@ def data_file(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one torch thread (restored afterwards).
+
+    On a 2-core machine shared by parallel jobs, two spinning threads per job thrash.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_scvi(monkeypatch):
     """Keep scvi-tools / lightning quiet and deterministic in tests."""

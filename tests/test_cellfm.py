@@ -26,13 +26,7 @@ ATOL = 1e-4
 N_HEADS = 4  # the fixture's enc_num_heads (not stored in CellFM checkpoints)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: these tiny models only lose time to thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ TINY = {
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fixture_model(labels_key=None, **kwargs):
