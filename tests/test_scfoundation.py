@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import anndata as ad
@@ -20,6 +21,7 @@ from scfm.errors import (
     UnsafeCheckpointError,
 )
 from scfm.model import ScFoundation
+from scfm.module._scfoundation import MAX_GROUP_TOKENS, _token_groups
 
 ATOL = 1e-4
 
@@ -192,6 +194,39 @@ def test_minibatches_group_cells_by_length(loaded):
     spans = [nnz[g].max() - nnz[g].min() for g in groups]
     assert sorted(np.concatenate(groups).tolist()) == list(range(adata.n_obs))
     assert max(spans) < nnz.max() - nnz.min()
+
+
+def test_packed_inference_equals_the_masked_padded_encoder(loaded, monkeypatch):
+    """Inference packs cells (padding dropped, cells grouped by a token budget); training
+    masks padded keys. Both give the same hidden states at real tokens, for any grouping."""
+    model, adata = loaded
+    module = model.module
+    x = torch.as_tensor(adata.X[:6].toarray(), dtype=torch.float32)
+    values = module.model_input(x)
+    with torch.no_grad():
+        packed, _, padding = module.encode(values)
+        assert padding.any()  # cells of different lengths: the minibatch is really padded
+        masked_module = copy.deepcopy(module)
+        masked_module.encoder.train()  # the masked path; dropout switched off below
+        for sub in masked_module.encoder.modules():
+            if isinstance(sub, torch.nn.Dropout):
+                sub.p = 0.0
+            elif isinstance(getattr(sub, "dropout", None), float):
+                sub.dropout = 0.0
+        masked, _, _ = masked_module.encode(values)
+        valid = ~padding
+        np.testing.assert_allclose(packed[valid], masked[valid], atol=1e-5, rtol=0)
+        assert bool((packed[padding] == 0).all())
+        for budget in (1, 10**9):  # every cell alone / the whole minibatch as one group
+            monkeypatch.setitem(MAX_GROUP_TOKENS, "cpu", budget)
+            regrouped, _, _ = module.encode(values)
+            np.testing.assert_allclose(regrouped, packed, atol=1e-5, rtol=0)
+
+
+def test_token_groups_cover_cells_in_order_within_the_budget():
+    groups = list(_token_groups([5, 3, 10, 1, 1, 2], max_tokens=8))
+    assert groups == [([5, 3], slice(0, 8)), ([10], slice(8, 18)), ([1, 1, 2], slice(18, 22))]
+    assert list(_token_groups([], max_tokens=8)) == []
 
 
 def test_weights_switch_restores_loaded_model(loaded, expected):

@@ -392,6 +392,15 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
         Returns
         -------
         ``(n_cells, d)`` float32 array, rows in the order of ``indices``.
+
+        Notes
+        -----
+        The reference embeds one cell at a time. Here the non-zero genes of a minibatch are
+        packed without padding: the projections run over all tokens at once and each cell
+        attends to its own tokens with PyTorch's fused attention, so the result equals the
+        per-cell one (to float32 rounding) whatever ``batch_size``.
+        ``benchmarks/scfoundation_embed.py`` measures the speed against the reference loop;
+        :meth:`~scfm.model.base.FoundationModelMixin.inference_precision` runs it in bfloat16.
         """
         self._check_options(tgthighres=tgthighres, pool_type=pool_type)
         with self._using_weights(weights):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +41,11 @@ TOTAL_COUNTS_KEY = "total_counts"
 N_DEPTH_TOKENS = 2
 #: Hidden width of the annotation head (reference ``finetune_model.py``).
 CLASSIFIER_HIDDEN = 256
+#: Tokens per group of cells in packed inference. On CPU the activations of a group stay
+#: below glibc's 32 MB mmap threshold, so buffers are reused instead of page-faulted afresh
+#: every layer (measured: 2,048 is ~10% faster than the whole minibatch); on GPU bigger
+#: groups feed bigger GEMMs.
+MAX_GROUP_TOKENS = {"cpu": 2048, "default": 65536}
 
 
 @dataclass(frozen=True)
@@ -139,29 +145,35 @@ class _SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        lengths: list[int] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Padded minibatch ``(b, n, d)``; ``attn_mask`` ``(b, 1, 1, n)`` is ``True`` at keys."""
         b, n, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if lengths is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-            )
-        else:
-            # Inference with right-padded cells: attend within each cell's own tokens without
-            # a mask, which lets SDPA use its fused (flash) CPU/GPU kernel instead of
-            # materialising masked (n x n) scores. Padded query rows are left at zero.
-            out = q.new_zeros(q.shape)
-            for i, m in enumerate(lengths):
-                out[i, :, :m] = F.scaled_dot_product_attention(
-                    q[i : i + 1, :, :m], k[i : i + 1, :, :m], v[i : i + 1, :, :m]
-                )[0]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def forward_packed(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Packed cells ``(sum(lengths), d)``: projections over all tokens, attention per cell.
+
+        Each cell attends to its own tokens without a mask, so SDPA uses its fused (flash)
+        kernel and no FLOPs are spent on padding.
+        """
+        n, d = x.shape
+        # One copy into head-major (3 * heads, n, head_dim): the CPU flash kernel is ~20%
+        # faster on contiguous head rows than on the strided views of the packed projection.
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(n, 3 * self.heads, -1).transpose(0, 1).contiguous()
+        # SDPA returns a transposed view of a contiguous (1, m, heads, head_dim) tensor,
+        # so merging the heads back to (m, d) is free
+        outs, start = [], 0
+        for m in lengths:
+            q, k, v = qkv[:, start : start + m].view(3, 1, self.heads, m, -1)
+            outs.append(F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1).reshape(m, d))
+            start += m
+        return self.out_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class _EncoderLayer(nn.Module):
@@ -176,15 +188,29 @@ class _EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        lengths: list[int] | None = None,
-    ) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask, lengths)))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask)))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout(ff))
+
+    def forward_packed(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Inference over packed cells ``(sum(lengths), d)`` (no dropout)."""
+        x = self.norm1(x + self.self_attn.forward_packed(x, lengths))
+        ff = self.linear2(F.relu_(self.linear1(x)))
+        return self.norm2(ff.add_(x))
+
+
+def _token_groups(lengths: list[int], max_tokens: int) -> Iterator[tuple[list[int], slice]]:
+    """Consecutive cells grouped up to ``max_tokens`` tokens (a longer cell is its own group)."""
+    start, group, n = 0, [], 0
+    for m in lengths:
+        if group and n + m > max_tokens:
+            yield group, slice(start, start + n)
+            start, group, n = start + n, [], 0
+        group.append(m)
+        n += m
+    if group:
+        yield group, slice(start, start + n)
 
 
 class ScFoundationEncoder(nn.Module):
@@ -197,18 +223,35 @@ class ScFoundationEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
+    def forward_packed(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Inference over packed cells: ``x`` ``(sum(lengths), dim)``, one cell after another.
+
+        Cells run through all layers group by group (:data:`MAX_GROUP_TOKENS`), which keeps
+        activations small without changing the numbers.
+        """
+        out = torch.empty_like(x)
+        max_tokens = MAX_GROUP_TOKENS.get(x.device.type, MAX_GROUP_TOKENS["default"])
+        for group, rows in _token_groups(lengths, max_tokens):
+            h = x[rows]
+            for layer in self.transformer_encoder:
+                h = layer.forward_packed(h, group)
+            out[rows] = self.norm(h)
+        return out
+
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """Encode ``x`` ``(b, n, dim)``; ``padding`` ``(b, n)`` is ``True`` at padded keys."""
+        """Encode ``x`` ``(b, n, dim)``; ``padding`` ``(b, n)`` is ``True`` at padded keys.
+
+        In evaluation mode the valid tokens are packed (padding dropped) and the output is
+        zero at padded positions; in training mode padded keys are masked in attention.
+        """
+        if not self.training:
+            valid = ~padding
+            # row-major: each cell's tokens stay contiguous and in order
+            out = self.forward_packed(x[valid], valid.sum(dim=1).tolist())
+            return x.new_zeros(x.shape).index_put_((valid,), out)
         attn_mask = None if not bool(padding.any()) else ~padding[:, None, None, :]
-        lengths = None
-        if attn_mask is not None and not self.training:
-            n_valid = (~padding).sum(1)
-            right_padded = torch.equal(
-                padding, torch.arange(padding.shape[1], device=padding.device) >= n_valid[:, None]
-            )
-            lengths = n_valid.tolist() if right_padded else None
         for layer in self.transformer_encoder:
-            x = layer(x, attn_mask, lengths)
+            x = layer(x, attn_mask)
         return self.norm(x)
 
 
@@ -298,8 +341,14 @@ class ScFoundationModule(BaseModuleClass):
         gathered, ids, padding = scfoundation_gather(
             values, keep, pad_value=float(self.config.pad_token_id), pad_id=self.config.seq_len
         )
-        h = self.token_emb(gathered) + self.pos_emb(ids)
-        return self.encoder(h, padding), ids, padding
+        if self.encoder.training:
+            h = self.token_emb(gathered) + self.pos_emb(ids)
+            return self.encoder(h, padding), ids, padding
+        # inference: embed and encode the real tokens only, packed one cell after another
+        valid = ~padding
+        h = self.token_emb(gathered[valid]) + self.pos_emb(ids[valid])
+        h = self.encoder.forward_packed(h, valid.sum(dim=1).tolist())
+        return h.new_zeros((*padding.shape, h.shape[-1])).index_put_((valid,), h), ids, padding
 
     @staticmethod
     def pool(hidden: torch.Tensor, padding: torch.Tensor, pool_type: PoolType) -> torch.Tensor:
