@@ -334,3 +334,29 @@ def test_other_anndata_must_have_the_model_genes(pbmc, checkpoint):
     )
     # the original is still registered and usable
     assert model.get_latent_representation(pbmc, progress_bar=False).shape[0] == pbmc.n_obs
+
+
+def test_query_with_new_or_absent_batch_and_label_columns(pbmc, checkpoint, vocab):
+    """Embedding a query never needs the model's batch / label categories."""
+    reference = pbmc[:40].copy()
+    ToyModel.setup_anndata(reference, batch_key="phase", labels_key="bulk_labels")
+    model = ToyModel.from_pretrained(checkpoint, reference)
+    expected = _numpy_latent(pbmc[40:], vocab, model.module.weight.detach().numpy())
+
+    unseen = pbmc[40:].copy()  # a copy: inherits the reference's scvi-tools id
+    unseen.obs["phase"] = pd.Categorical(["new sample"] * unseen.n_obs)
+    unseen.obs["bulk_labels"] = pd.Categorical(["a cell type the model never saw"] * 20)
+    before = unseen.obs.copy()
+    z = model.get_latent_representation(unseen, progress_bar=False)
+    np.testing.assert_allclose(z, expected, atol=1e-5)
+    pd.testing.assert_frame_equal(unseen.obs[before.columns], before)  # user columns intact
+
+    absent = pbmc[40:].copy()
+    del absent.obs["phase"], absent.obs["bulk_labels"]
+    ToyModel.setup_anndata(absent)  # set up without batch / labels, as a user would
+    np.testing.assert_allclose(
+        model.get_latent_representation(absent, progress_bar=False), expected, atol=1e-5
+    )
+    # the model's own AnnData keeps its registration (codes of its categories)
+    codes = model.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()
+    assert codes.max() < reference.obs["bulk_labels"].nunique()

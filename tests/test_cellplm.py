@@ -7,6 +7,7 @@ import shutil
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -206,6 +207,30 @@ def test_indices_subset_order(models, expected):
     _close(z, full[[1, 0, 2, 0]])
     # a sentence of fewer cells gives different embeddings (cells attend to each other)
     assert np.abs(z[1] - expected["cell_embeddings"][3]).max() > 1e-3
+
+
+def test_query_with_new_or_absent_batch_labels_and_coordinates(models, expected, fx):
+    """A new batch label is a sentence of its own; without the column, one sentence.
+    Coordinates are needed only where the model reads them."""
+    adata, m = models
+    first = adata.obs["batch"].astype(str).to_numpy()[0]
+    idx = np.flatnonzero(adata.obs["batch"].astype(str).to_numpy() == first)
+    renamed = adata[idx].copy()  # shares the fixture's scvi-tools id, as copies do
+    renamed.obs["batch"] = pd.Categorical(["a sample the model never saw"] * len(idx))
+    _close(m[VAE].get_latent_representation(renamed, progress_bar=False),
+           expected["cell_embeddings"][idx])  # fmt: skip
+    absent = adata[idx].copy()
+    del absent.obs["batch"], absent.obsm["spatial"]
+    scfm.model.CellPLM.setup_anndata(absent)
+    _close(m[VAE].get_latent_representation(absent, progress_bar=False),
+           expected["cell_embeddings"][idx])  # fmt: skip
+    with pytest.raises(SpatialCoordinateError, match="obsm has no 'spatial'"):
+        m[VAE].get_latent_representation(absent, sentence="spatial", progress_bar=False)
+    spatial = scfm.model.CellPLM.from_pretrained(
+        fx / "checkpoint", adata, prefix=VAE, spatial_encoding=True
+    )
+    with pytest.raises(SpatialCoordinateError, match="obsm has no 'spatial'"):
+        spatial.get_latent_representation(absent, progress_bar=False)
 
 
 @pytest.mark.parametrize("prefix", list(PREFIXES))

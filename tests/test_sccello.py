@@ -8,6 +8,7 @@ import shutil
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -16,6 +17,7 @@ import scfm
 from conftest import fixture_dir
 from scfm.errors import CheckpointFormatError, CheckpointKeyError, OntologyError
 from scfm.model import ScCello
+from scfm.model._sccello import CELL_TYPE_KEY
 
 ATOL = 1e-4
 LOSSES = {
@@ -141,6 +143,23 @@ def test_indices_and_batch_size_keep_rows(loaded, expected):
     idx = [41, 3, 17, 3]
     z = model.get_latent_representation(indices=idx, batch_size=3, progress_bar=False)
     np.testing.assert_allclose(z, expected["cell_embeddings"][idx], atol=ATOL, rtol=0)
+
+
+def test_query_with_unknown_or_absent_cell_types_is_embedded(loaded, expected):
+    """Zero-shot embedding of new cells needs no labels, nor labels the model was set up with."""
+    adata, model = loaded
+    idx = [0, 5, 9]
+    unknown = adata[idx].copy()  # shares the fixture's scvi-tools id, as copies do
+    unknown.obs[CELL_TYPE_KEY] = pd.Categorical([_unknown_type(model)] * len(idx))
+    np.testing.assert_allclose(
+        _latent(model, adata=unknown), expected["cell_embeddings"][idx], atol=ATOL, rtol=0
+    )
+    absent = _subset(adata, idx)
+    del absent.obs[CELL_TYPE_KEY]
+    ScCello.setup_anndata(absent)
+    np.testing.assert_allclose(
+        _latent(model, adata=absent), expected["cell_embeddings"][idx], atol=ATOL, rtol=0
+    )
 
 
 def test_embed_writes_obsm(loaded, expected):

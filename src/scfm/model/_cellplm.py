@@ -25,7 +25,7 @@ from scfm.data._cellplm_sentences import (
 )
 from scfm.data._genes import align_genes, strip_version
 from scfm.data._validation import check_spatial
-from scfm.errors import InvalidInputError
+from scfm.errors import InvalidInputError, SpatialCoordinateError
 from scfm.model.base import FoundationModelMixin
 from scfm.module._cellplm import SPATIAL_KEY, CellPLMConfig, CellPLMModule
 from scfm.nn._spatial_encoding import normalize_coordinates
@@ -86,6 +86,11 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     #: Cells per forward pass; whole sentences are packed up to this size.
     _default_batch_size: ClassVar[int] = 4096
     _has_gene_embeddings: ClassVar[bool] = True
+    #: Coordinates are only read for spatial_encoding / sentence="spatial" (checked there).
+    _query_optional_fields: ClassVar[dict[str, str]] = {
+        **FoundationModelMixin._query_optional_fields,
+        SPATIAL_KEY: "spatial_key",
+    }
 
     def __init__(
         self,
@@ -258,6 +263,11 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return model
 
     # ------------------------------------------------------------------ sentences
+    def _batch_column(self, adata: ad.AnnData) -> str | None:
+        """The setup's ``batch_key`` if ``adata`` has it; a query without it is one group."""
+        batch_key = self.setup_args.get("batch_key")
+        return batch_key if batch_key in adata.obs.columns else None
+
     def _sentence_ids(self, adata: ad.AnnData, cells: np.ndarray) -> np.ndarray:
         """Sentence of each cell of ``cells``, numbered in the reference's feeding order."""
         req = self._sentence_request
@@ -266,7 +276,7 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise InvalidInputError(
                 f"sentence={mode!r} is not supported; use 'batch' or 'spatial'."
             )
-        batch_key = self.setup_args.get("batch_key")
+        batch_key = self._batch_column(adata)
         groups = (
             np.zeros(len(cells), dtype=np.int64)
             if batch_key is None
@@ -284,10 +294,15 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise InvalidInputError(
                 "This needs coordinates: call CellPLM.setup_anndata(adata, spatial_key=...)."
             )
+        if key not in adata.obsm:
+            raise SpatialCoordinateError(
+                f"This needs the cells' coordinates, and adata.obsm has no {key!r} (the model's "
+                f"spatial_key). Add them as adata.obsm[{key!r}] (n_cells x 2)."
+            )
         coords = np.asarray(adata.obsm[key], dtype=np.float64)[cells, :2]
         if not normalize:
             return coords
-        batch_key = self.setup_args.get("batch_key")
+        batch_key = self._batch_column(adata)
         groups = (
             np.asarray(adata.obs[batch_key].astype(str))[cells]
             if batch_key is not None
@@ -347,11 +362,12 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self, adata: ad.AnnData, cells: np.ndarray, measured_genes: Mapping[str, Sequence[str]]
     ) -> np.ndarray:
         """``[cells, kept genes]`` bool: genes measured in each cell's ``batch_key`` group."""
-        batch_key = self.setup_args.get("batch_key")
+        batch_key = self._batch_column(adata)
         if batch_key is None:
             raise InvalidInputError(
-                "measured_genes is keyed by batch_key labels: call CellPLM.setup_anndata(adata, "
-                "batch_key=...) so that each dataset / sample has its own label."
+                "measured_genes is keyed by batch_key labels, and this AnnData has no batch_key "
+                "column: call CellPLM.setup_anndata(adata, batch_key=...) so that each dataset / "
+                "sample has its own label."
             )
         labels = np.asarray(adata.obs[batch_key].astype(str))[cells]
         unknown = set(map(str, measured_genes)) - set(labels)

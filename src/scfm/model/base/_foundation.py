@@ -75,6 +75,12 @@ class FoundationModelMixin:
     _default_batch_size: ClassVar[int] = 32
     #: Whether ``setup_anndata`` requires raw integer counts.
     _requires_counts: ClassVar[bool] = True
+    #: Registry keys a query AnnData may lack (inference does not need them), each with the
+    #: ``setup_anndata`` argument naming its column.
+    _query_optional_fields: ClassVar[dict[str, str]] = {
+        REGISTRY_KEYS.BATCH_KEY: "batch_key",
+        REGISTRY_KEYS.LABELS_KEY: "labels_key",
+    }
 
     # Instance attributes filled by ``from_pretrained`` / ``__init__``.
     _checkpoint_path: str | None = None
@@ -240,6 +246,15 @@ class FoundationModelMixin:
     ) -> ad.AnnData:
         if adata is not None:
             adata = self._registered_modality(adata)
+            if getattr(self, "_adata_manager", None) is not None and not adata.is_view:
+                try:
+                    manager = self.get_anndata_manager(adata)
+                except (KeyError, ValueError):
+                    # a copy of a registered AnnData: scvi-tools has given it its own id,
+                    # then failed to transfer the setup without new categories
+                    manager = None
+                if manager is None:
+                    self._register_manager_for_instance(self._transfer_setup(adata))
         adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
         # Every model maps genes by column position (aligned once to its vocabulary), so
         # another AnnData must have exactly the model's genes in the model's order.
@@ -252,6 +267,34 @@ class FoundationModelMixin:
                 "AnnData."
             )
         return adata
+
+    def _transfer_setup(self, adata: ad.AnnData) -> AnnDataManager:
+        """Register a query AnnData with the model's setup, as inference needs it.
+
+        scvi-tools refuses a query whose batch or label column holds categories the model's
+        AnnData lacked, or that has no such column. Inference never reads those codes as
+        model inputs (labels only enter training losses; CellPLM batches only group cells),
+        so unseen categories are appended and absent :attr:`_query_optional_fields` are left
+        out.
+        """
+        source = self.adata_manager
+        absent = {}
+        for field in source.fields:
+            key = self.setup_args.get(self._query_optional_fields.get(field.registry_key, ""))
+            if key is not None and key not in getattr(adata, field.attr_name):
+                absent[field.registry_key] = f"adata.{field.attr_name}[{key!r}]"
+        if absent:
+            logger.info(
+                "The AnnData has no %s of the model's setup; continuing without.",
+                ", ".join(absent.values()),
+            )
+        manager = AnnDataManager(
+            fields=[f for f in source.fields if f.registry_key not in absent],
+            setup_method_args=source._get_setup_method_args(),
+            validation_checks=source.validation_checks,
+        )
+        manager.register_fields(adata, source.registry, extend_categories=True)
+        return manager
 
     @property
     def setup_args(self) -> dict[str, Any]:
