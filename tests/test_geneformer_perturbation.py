@@ -123,3 +123,56 @@ def test_symbols_and_errors(loaded):
         scfm.tl.in_silico_perturbation(model, adata, "NOTAGENE", progress_bar=False)
     with pytest.raises(InvalidInputError, match="perturb_type"):
         scfm.tl.in_silico_perturbation(model, adata, "FAS", "knockout", progress_bar=False)
+
+
+def test_goal_state_shift_matches_manual_computation(loaded):
+    model, adata = loaded
+    states = {
+        "state_key": "cell_type",
+        "start_state": "B cell",
+        "goal_state": "T cell",
+        "alt_states": ["monocyte"],
+    }
+    ids, _ = model.get_tokens()
+    token = int(ids[0, 3])  # cell 0 is a B cell
+    assert adata.obs["cell_type"].iloc[0] == "B cell"
+    before = adata.obs.copy()
+    scfm.tl.in_silico_perturbation(
+        model,
+        adata,
+        model._vocab_names()[token],
+        "delete",
+        cell_states_to_model=states,
+        key_added="treat",
+        progress_bar=False,
+    )
+    shift = adata.obs["treat_goal_shift"].to_numpy()
+    is_b = (adata.obs["cell_type"] == "B cell").to_numpy()
+    assert np.isnan(shift[~is_b]).all() and np.isfinite(shift[0])
+    # independent: goal embedding = mean <cls> state of the T cells, cell 0 with / without gene
+    t_cells = np.flatnonzero((adata.obs["cell_type"] == "T cell").to_numpy())
+    goal = torch.as_tensor(model.get_latent_representation(indices=t_cells, progress_bar=False))
+    goal = goal.mean(0)
+    _, _, ho, hp = _manual_delete(model, 0, token)
+    cos = torch.nn.functional.cosine_similarity
+    expected = (cos(hp[0], goal, dim=0) - cos(ho[0], goal, dim=0)).item()
+    assert abs(expected) > 1e-4  # large enough that a sign or state mix-up would show
+    np.testing.assert_allclose(shift[0], expected, atol=1e-5)
+    summary = adata.uns["treat_state_shifts"]
+    assert list(summary.index) == ["T cell", "monocyte"]
+    assert list(summary["role"]) == ["goal", "alt"]
+    np.testing.assert_allclose(summary.loc["T cell", "mean_shift"], np.nanmean(shift), atol=1e-6)
+    assert summary.loc["T cell", "n_cells"] == np.isfinite(shift).sum()
+    new = {"treat", "treat_goal_shift"}
+    assert set(adata.obs.columns) == set(before.columns) | new
+    # bad specifications fail before any forward pass, naming the problem
+    with pytest.raises(scfm.errors.AnnDataKeyError, match="disease"):
+        scfm.tl.in_silico_perturbation(
+            model, adata, "FAS", cell_states_to_model={**states, "state_key": "disease"}
+        )
+    with pytest.raises(InvalidInputError, match="no cells"):
+        scfm.tl.in_silico_perturbation(
+            model, adata, "FAS", cell_states_to_model={**states, "goal_state": "neuron"}
+        )
+    with pytest.raises(InvalidInputError, match="goal_state"):
+        scfm.tl.in_silico_perturbation(model, adata, "FAS", cell_states_to_model={"state_key": "x"})

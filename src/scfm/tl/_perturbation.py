@@ -9,8 +9,8 @@ embeddings :cite:p:`Theodoris2023`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 
-from scfm.errors import GeneVocabularyError, InvalidInputError
+from scfm.errors import AnnDataKeyError, GeneVocabularyError, InvalidInputError
 from scfm.model.base import record_in_uns
 
 if TYPE_CHECKING:
@@ -122,6 +122,88 @@ def _pad(
     return ids, lengths
 
 
+def _parse_states(adata: ad.AnnData, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``cell_states_to_model`` against ``adata`` (before any forward pass)."""
+    unknown = set(spec) - {"state_key", "start_state", "goal_state", "alt_states"}
+    missing = {"state_key", "start_state", "goal_state"} - set(spec)
+    if unknown or missing:
+        raise InvalidInputError(
+            "cell_states_to_model needs 'state_key', 'start_state', 'goal_state' and optionally "
+            f"'alt_states'; missing {sorted(missing)}, unknown {sorted(unknown)}."
+        )
+    key = spec["state_key"]
+    if key not in adata.obs.columns:
+        raise AnnDataKeyError(
+            f"state_key={key!r} is not a column of adata.obs; pass the column holding the "
+            "cell states."
+        )
+    alt = spec.get("alt_states") or []
+    alt = [alt] if isinstance(alt, str) else list(alt)
+    states = [spec["start_state"], spec["goal_state"], *alt]
+    if len({str(x) for x in states}) != len(states):
+        raise InvalidInputError(
+            f"start, goal and alternative states must differ, got {[str(x) for x in states]}."
+        )
+    present = set(adata.obs[key].astype(str))
+    absent = [str(x) for x in states if str(x) not in present]
+    if absent:
+        raise InvalidInputError(
+            f"States {absent} have no cells in adata.obs[{key!r}] (present: "
+            f"{', '.join(sorted(present)[:10])})."
+        )
+    return {
+        "state_key": key,
+        "start_state": str(spec["start_state"]),
+        "goal_state": str(spec["goal_state"]),
+        "alt_states": [str(x) for x in alt],
+    }
+
+
+def _start_state_cells(
+    adata: ad.AnnData, states: dict[str, Any], indices: Sequence[int] | None
+) -> np.ndarray:
+    """The start-state cells among ``indices`` (all start-state cells when ``None``)."""
+    start = adata.obs[states["state_key"]].astype(str).to_numpy() == states["start_state"]
+    cells = np.flatnonzero(start)
+    if indices is not None:
+        arr = np.asarray(indices)
+        cells = np.intersect1d(np.flatnonzero(arr) if arr.dtype == bool else arr, cells)
+    if not len(cells):
+        raise InvalidInputError(
+            f"None of the selected cells is in the start state {states['start_state']!r}."
+        )
+    return cells
+
+
+def _state_embeddings(
+    model: Geneformer,
+    adata: ad.AnnData,
+    states: dict[str, Any],
+    pooling: str,
+    layer: int,
+    batch_size: int | None,
+) -> dict[str, torch.Tensor]:
+    """Exact mean original embedding of the goal and alternative states (goal first)."""
+    labels = adata.obs[states["state_key"]].astype(str).to_numpy()
+    out = {}
+    for name in (states["goal_state"], *states["alt_states"]):
+        z = model.get_latent_representation(
+            adata,
+            indices=np.flatnonzero(labels == name),
+            batch_size=batch_size,
+            pooling=pooling,
+            layer=layer,
+            progress_bar=False,
+        )
+        out[name] = torch.as_tensor(z.astype(np.float64).mean(axis=0))
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
 @torch.inference_mode()
 def in_silico_perturbation(
     model: Geneformer,
@@ -134,6 +216,7 @@ def in_silico_perturbation(
     pooling: str | None = None,
     layer: int | None = None,
     batch_size: int | None = None,
+    cell_states_to_model: Mapping[str, Any] | None = None,
     key_added: str = "geneformer_isp",
     progress_bar: bool = True,
 ) -> pd.DataFrame:
@@ -164,10 +247,20 @@ def in_silico_perturbation(
         Cell embedding options (see :meth:`~scfm.model.Geneformer.get_latent_representation`).
     batch_size
         Cells per minibatch.
+    cell_states_to_model
+        In silico treatment, as the reference's argument of that name:
+        ``{"state_key": obs column, "start_state": ..., "goal_state": ..., "alt_states":
+        [...]}`` (``alt_states`` optional). Only start-state cells (of ``indices``) are
+        perturbed. Each state's embedding is the exact mean of the original cell embeddings
+        of its cells in ``adata``, and each perturbed cell's shift towards a state is
+        ``cos(perturbed, state) - cos(original, state)``.
     key_added
         Writes ``adata.obs[key_added]`` (cosine similarity of perturbed vs original cell
         embedding; NaN for cells the perturbation does not change) and
-        ``adata.uns[key_added]`` (the returned gene table).
+        ``adata.uns[key_added]`` (the returned gene table). With ``cell_states_to_model``
+        also ``adata.obs[f"{key_added}_goal_shift"]`` (each cell's shift towards the goal
+        state) and ``adata.uns[f"{key_added}_state_shifts"]`` (per goal / alternative state:
+        ``role``, ``mean_shift``, ``n_cells``).
     progress_bar
         Show a progress bar.
 
@@ -188,8 +281,21 @@ def in_silico_perturbation(
     targets = _target_tokens(model, genes)
     target_set = set(targets)
     adata = model._validate_anndata(adata)
+    states = None if cell_states_to_model is None else _parse_states(adata, cell_states_to_model)
+    if states is not None:
+        indices = _start_state_cells(adata, states, indices)
     cells, inverse = model._resolve_indices(adata, indices)
     pooling, layer = model._defaults(pooling, layer)
+    state_embs = (
+        None
+        if states is None
+        else _state_embeddings(model, adata, states, pooling, layer, batch_size)
+    )
+    state_shift = (
+        None
+        if state_embs is None
+        else {name: np.full(len(cells), np.nan, dtype=np.float32) for name in state_embs}
+    )
     module = model.module
     module.eval()
     special = module.special_tokens
@@ -225,6 +331,12 @@ def in_silico_perturbation(
         o_cell = module.pool(o_hidden, o_ids, o_len, pooling, special)
         p_cell = module.pool(p_hidden, p_ids, p_len, pooling, special)
         cos_cell[positions[keep]] = F.cosine_similarity(p_cell, o_cell, dim=-1).cpu().numpy()
+        for name, emb in (state_embs or {}).items():
+            target = emb.to(device=p_cell.device, dtype=p_cell.dtype)[None]
+            shift = F.cosine_similarity(p_cell, target, dim=-1) - F.cosine_similarity(
+                o_cell, target, dim=-1
+            )
+            state_shift[name][positions[keep]] = shift.cpu().numpy()
         # Gene shifts: match each gene of the perturbed cell to its original position.
         where = torch.full((len(keep), vocab), -1, dtype=torch.long, device=ids.device)
         b_o, t_o = torch.nonzero(o_real, as_tuple=True)
@@ -252,6 +364,18 @@ def in_silico_perturbation(
     obs[cells[inverse]] = cos_cell[inverse]
     adata.obs[key_added] = obs
     adata.uns[key_added] = table
+    if states is not None:
+        goal = np.full(adata.n_obs, np.nan, dtype=np.float32)
+        goal[cells] = state_shift[states["goal_state"]]
+        adata.obs[f"{key_added}_goal_shift"] = goal
+        adata.uns[f"{key_added}_state_shifts"] = pd.DataFrame(
+            {
+                "role": ["goal"] + ["alt"] * (len(state_shift) - 1),
+                "mean_shift": [_nanmean(v) for v in state_shift.values()],
+                "n_cells": [int(np.isfinite(v).sum()) for v in state_shift.values()],
+            },
+            index=pd.Index(list(state_shift), name="state"),
+        )
     record_in_uns(
         adata,
         "obs",
@@ -263,6 +387,7 @@ def in_silico_perturbation(
             "pooling": pooling,
             "layer": layer,
             "n_cells_perturbed": n_changed,
+            **({} if states is None else {"cell_states_to_model": states}),
         },
     )
     return table
