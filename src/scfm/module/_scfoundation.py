@@ -166,8 +166,7 @@ class _SelfAttention(nn.Module):
         # faster on contiguous head rows than on the strided views of the packed projection.
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(n, 3 * self.heads, -1).transpose(0, 1).contiguous()
-        # SDPA returns a transposed view of a contiguous (1, m, heads, head_dim) tensor,
-        # so merging the heads back to (m, d) is free
+        # merging the heads of each cell back to (m, d) copies its output once
         outs, start = [], 0
         for m in lengths:
             q, k, v = qkv[:, start : start + m].view(3, 1, self.heads, m, -1)
@@ -335,8 +334,9 @@ class ScFoundationModule(BaseModuleClass):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the encoder over the kept positions (default ``values > 0``).
 
-        Returns the encoder output ``(b, L, d)`` (after its final LayerNorm), the position ids
-        and the padding mask ``(b, L)`` of the gathered tokens.
+        Returns the encoder output ``(b, L, d)`` (after its final LayerNorm; zero at padding
+        in evaluation mode), the position ids and the padding mask ``(b, L)`` of the gathered
+        tokens.
         """
         gathered, ids, padding = scfoundation_gather(
             values, keep, pad_value=float(self.config.pad_token_id), pad_id=self.config.seq_len
