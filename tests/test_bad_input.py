@@ -196,7 +196,7 @@ def _broken_release(name, tmp_path, how):
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif how == "corrupted":
         data = bytearray(weights.read_bytes())
-        data[:64] = os.urandom(64)
+        data[:64] = np.random.default_rng(0).bytes(64)
         weights.write_bytes(bytes(data))
     elif how == "other vocabulary":
         other = "scfoundation" if name != "scfoundation" else "cellfm"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,24 @@ def test_empty_truncated_and_missing_files(tmp_path):
     notdict.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(CheckpointFormatError, match="not a dict"):
         load_pickle_dict(notdict)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_damaged_torch_files_are_format_errors(tmp_path, zip_format):
+    """Random damage surfaces from torch's unpickler as many exception types; every one is
+    reported as a damaged file, never as an unsafe one (which would invite trust_checkpoint)."""
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.randn(8, 8)}, good, _use_new_zipfile_serialization=zip_format)
+    data = good.read_bytes()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        damaged = bytearray(data)
+        damaged[:64] = rng.bytes(64)
+        path = tmp_path / f"damaged{i}.pt"
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointFormatError, match="corrupted") as info:
+            load_torch_file(path)
+        assert not isinstance(info.value, UnsafeCheckpointError)
 
 
 def test_strict_loading_reports_every_problem():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import zipfile
+import pickletools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,10 @@ def load_torch_file(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err) and not _names_python_objects(p):
+            # neither a Python object torch refused (it names the GLOBAL) nor a plain pickle
+            # of objects (whose newer protocol torch cannot parse): a damaged file
+            raise _unreadable(p, err) from None
         # weights_only refused a global: the file holds Python objects beyond tensors.
         if not trust_checkpoint:
             raise UnsafeCheckpointError(
@@ -106,12 +110,33 @@ def load_torch_file(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
             ) from None
         logger.warning("Unpickling %s with weights_only=False (trust_checkpoint=True).", p)
         return torch.load(p, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointFormatError(
-            f"{str(p)!r} is not a readable torch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}). The file is "
-            "truncated, corrupted or of another format: download it again."
-        ) from None
+    except Exception as err:
+        # Damaged bytes surface from torch's unpickler as almost any exception type
+        # (IndexError, KeyError, UnicodeDecodeError, EOFError, zipfile.BadZipFile, ...).
+        raise _unreadable(p, err) from None
+
+
+def _names_python_objects(path: Path) -> bool:
+    """Whether the file is a plain ``pickle.dump`` (protocol >= 3) naming Python objects.
+
+    ``torch.save`` writes protocol 2, so a damaged torch file almost never passes as one.
+    Only the opcodes are parsed (:func:`pickletools.genops` executes nothing).
+    """
+    try:
+        with open(path, "rb") as fh:
+            ops = [(op.name, arg) for op, arg, _ in pickletools.genops(fh)]
+    except Exception:  # not a well-formed pickle
+        return False
+    plain = ops[0][0] == "PROTO" and int(ops[0][1]) >= 3
+    return plain and any(name in {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ"} for name, _ in ops)
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointFormatError:
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"
+    return CheckpointFormatError(
+        f"{str(path)!r} is not a readable torch checkpoint ({type(err).__name__}: {detail}). "
+        "The file is truncated, corrupted or of another format: download it again."
+    )
 
 
 def load_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
