@@ -324,6 +324,9 @@ def test_other_anndata_must_have_the_model_genes(pbmc, checkpoint):
     ToyModel.setup_anndata(reordered)
     with pytest.raises(InvalidInputError, match="var_names differ"):
         model.get_latent_representation(reordered, progress_bar=False)
+    fewer = pbmc[:, :50].copy()  # a copy with other genes: not scvi-tools' transfer error
+    with pytest.raises(InvalidInputError, match="50 vs 765 genes"):
+        model.get_latent_representation(fewer, progress_bar=False)
     same = pbmc[:5].copy()  # inherits pbmc's scvi-tools id
     ToyModel.setup_anndata(same)
     assert same.uns["_scvi_uuid"] != pbmc.uns["_scvi_uuid"]

@@ -246,6 +246,17 @@ class FoundationModelMixin:
     ) -> ad.AnnData:
         if adata is not None:
             adata = self._registered_modality(adata)
+            # Every model maps genes by column position (aligned once to its vocabulary), so
+            # another AnnData must have exactly the model's genes in the model's order.
+            # Checked first: scvi-tools' setup transfer would fail on it less clearly.
+            own = getattr(self, "_adata", None)  # unset while BaseModelClass initialises
+            if own is not None and adata is not own and not adata.var_names.equals(own.var_names):
+                raise InvalidInputError(
+                    "adata.var_names differ from those of the AnnData the model was built on "
+                    f"({adata.n_vars} vs {own.n_vars} genes, or another order). Subset / "
+                    "reorder the genes with adata[:, model.adata.var_names], or build the model "
+                    "on this AnnData."
+                )
             if getattr(self, "_adata_manager", None) is not None and not adata.is_view:
                 try:
                     manager = self.get_anndata_manager(adata)
@@ -255,18 +266,7 @@ class FoundationModelMixin:
                     manager = None
                 if manager is None:
                     self._register_manager_for_instance(self._transfer_setup(adata))
-        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
-        # Every model maps genes by column position (aligned once to its vocabulary), so
-        # another AnnData must have exactly the model's genes in the model's order.
-        own = getattr(self, "_adata", None)  # unset while BaseModelClass initialises
-        if own is not None and adata is not own and not adata.var_names.equals(own.var_names):
-            raise InvalidInputError(
-                "adata.var_names differ from those of the AnnData the model was built on "
-                f"({adata.n_vars} vs {own.n_vars} genes, or another order). Subset / reorder "
-                "the genes with adata[:, model.adata.var_names], or build the model on this "
-                "AnnData."
-            )
-        return adata
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def _transfer_setup(self, adata: ad.AnnData) -> AnnDataManager:
         """Register a query AnnData with the model's setup, as inference needs it.
