@@ -165,6 +165,11 @@ def make_key_padding_mask(lengths: torch.Tensor, max_len: int | None = None) -> 
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def _layer_norm(config: BertConfig, present: bool) -> nn.LayerNorm | None:
+    """A hidden-size LayerNorm where the variant has one (``None`` elsewhere)."""
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if present else None
+
+
 class BertEmbeddings(nn.Module):
     """Word + absolute position (+ token type) embeddings, optionally layer-normalised."""
 
@@ -179,11 +184,7 @@ class BertEmbeddings(nn.Module):
             if config.type_vocab_size > 0
             else None
         )
-        self.LayerNorm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            if config.embedding_layer_norm
-            else None
-        )
+        self.LayerNorm = _layer_norm(config, config.embedding_layer_norm)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -270,22 +271,25 @@ class BertSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 
 
-class BertSelfOutput(nn.Module):
-    """Attention output projection, dropout and (post-LN only) residual LayerNorm."""
+class _ResidualProjection(nn.Module):
+    """Projection to the hidden size, dropout, residual and (post-LN only) LayerNorm."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, in_features: int, config: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = (
-            None
-            if config.pre_layer_norm
-            else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        )
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = _layer_norm(config, not config.pre_layer_norm)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         out = _add_residual(self.dropout(self.dense(h)), residual)
         return out if self.LayerNorm is None else self.LayerNorm(out)
+
+
+class BertSelfOutput(_ResidualProjection):
+    """Attention output projection, dropout and (post-LN only) residual LayerNorm."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config.hidden_size, config)
 
 
 class BertAttention(nn.Module):
@@ -294,11 +298,7 @@ class BertAttention(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         # pre-LN: the LayerNorm in front of the attention (Megatron ``input_layernorm``).
-        self.LayerNorm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            if config.pre_layer_norm
-            else None
-        )
+        self.LayerNorm = _layer_norm(config, config.pre_layer_norm)
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
@@ -312,11 +312,7 @@ class BertIntermediate(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.LayerNorm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            if config.pre_layer_norm
-            else None
-        )
+        self.LayerNorm = _layer_norm(config, config.pre_layer_norm)
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.intermediate_act_fn = get_activation(config.hidden_act)
 
@@ -328,22 +324,11 @@ class BertIntermediate(nn.Module):
         return self.intermediate_act_fn(h)
 
 
-class BertOutput(nn.Module):
+class BertOutput(_ResidualProjection):
     """Second MLP projection, dropout, residual and (post-LN only) LayerNorm."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = (
-            None
-            if config.pre_layer_norm
-            else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        )
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        out = _add_residual(self.dropout(self.dense(h)), residual)
-        return out if self.LayerNorm is None else self.LayerNorm(out)
+        super().__init__(config.intermediate_size, config)
 
 
 class BertLayer(nn.Module):
@@ -375,11 +360,7 @@ class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-        self.final_layernorm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            if config.pre_layer_norm
-            else None
-        )
+        self.final_layernorm = _layer_norm(config, config.pre_layer_norm)
 
     def forward(
         self,
