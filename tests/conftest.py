@@ -1,4 +1,4 @@
-"""Shared test helpers: paths to the parity fixtures and the real data in ../shared."""
+"""Shared test helpers: paths to the vendored parity fixtures and real data in tests/data."""
 
 from __future__ import annotations
 
@@ -7,24 +7,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures"
-DATA = SHARED / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+FIXTURES = TEST_DATA / "fixtures"
+DATA = TEST_DATA / "data"
 
 
 def fixture_dir(model: str) -> Path:
-    """``../shared/fixtures/<model>``, or skip the test when it is absent (user checkout)."""
+    """``tests/data/fixtures/<model>``: the vendored parity fixture (see tests/data/README.md)."""
     path = FIXTURES / model
     if not path.is_dir():
-        pytest.skip(f"parity fixture {path} is absent (only CI and developers have ../shared)")
+        raise FileNotFoundError(f"parity fixture {path} is missing from the repository")
     return path
 
 
 def data_file(name: str) -> Path:
-    """``../shared/data/<name>``, or skip the test when it is absent."""
+    """``tests/data/data/<name>``: a vendored real data file (see tests/data/README.md)."""
     path = DATA / name
     if not path.is_file():
-        pytest.skip(f"data file {path} is absent (only CI and developers have ../shared)")
+        raise FileNotFoundError(f"data file {path} is missing from the repository")
     return path
 
 

@@ -15,7 +15,9 @@ import logging
 import os
 import pickle
 import pickletools
+import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from scfm.errors import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Release",
+    "check_finite_state_dict",
     "load_pickle_dict",
     "load_safetensors_file",
     "load_state_dict_strict",
@@ -229,6 +233,51 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
+@dataclass
+class Release:
+    """What every reader of an original release returns: one shape for all five models.
+
+    Attributes
+    ----------
+    config
+        The release's hyper-parameters as read (the model's config dataclass parses them).
+    state_dict
+        Tensors already renamed to the scfm module's parameter / buffer names.
+    vocabulary
+        The release's gene vocabulary (a model-specific object: token dictionaries, gene list).
+    files
+        The files that were read, by role (``{"weights": ..., "config": ...}``).
+    """
+
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    vocabulary: Any = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def check_finite_state_dict(state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Raise :class:`CheckpointFormatError` naming every floating tensor holding NaN or inf."""
+    bad = [
+        name
+        for name, tensor in state_dict.items()
+        if torch.is_tensor(tensor)
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointFormatError(
+            f"{what} holds NaN or infinite values in {shown}. The file is damaged or was saved "
+            "from a diverged run; use another copy of the release."
+        )
+
+
+def _declared(module: torch.nn.Module, attr: str, keys: Iterable[str]) -> list[str]:
+    """Keys of ``keys`` matching any regex in the module class's ``attr`` load rule."""
+    patterns = [re.compile(p) for p in getattr(type(module), attr, ())]
+    return [k for k in keys if any(p.search(k) for p in patterns)]
+
+
 def load_state_dict_strict(
     module: torch.nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -253,14 +302,28 @@ def load_state_dict_strict(
     allow_missing
         Exact module keys that may be absent (e.g. non-persistent or derived tensors).
 
+    Notes
+    -----
+    The module class declares the rules of every release once, as regex lists
+    ``_keys_to_ignore_on_load_unexpected`` and ``_keys_to_ignore_on_load_missing`` (HF
+    transformers' names); they are applied in addition to the exact keys passed here. Every
+    floating tensor is checked for NaN / inf first.
+
     Raises
     ------
     CheckpointKeyError
         Listing every missing, unexpected and mis-shaped key.
+    CheckpointFormatError
+        If a tensor holds NaN or inf values.
     """
-    ignore = set(ignore_unexpected)
-    optional = set(allow_missing)
     target = module.state_dict()
+    ignore = set(ignore_unexpected) | set(
+        _declared(module, "_keys_to_ignore_on_load_unexpected", state_dict)
+    )
+    optional = set(allow_missing) | set(
+        _declared(module, "_keys_to_ignore_on_load_missing", target)
+    )
+    check_finite_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, what=what)
     provided = {k: v for k, v in state_dict.items() if k not in ignore}
     missing = sorted(k for k in target if k not in provided and k not in optional)
     unexpected = sorted(k for k in provided if k not in target)
