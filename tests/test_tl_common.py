@@ -46,9 +46,13 @@ def test_transfer_labels_unanimous_neighbours_give_confidence_one():
     ref.obsm["z"] = np.array([[0.0], [0.1], [10.0], [10.1]])
     query = ad.AnnData(np.zeros((2, 1)))
     query.obsm["z"] = np.array([[0.05], [10.05]])
+    query.obs["ct"] = ["true a", "true b"]  # the query's own labels are never overwritten
     result = scfm.tl.transfer_labels(ref, query, "ct", use_rep="z", n_neighbors=2)
     assert result["label"].astype(str).tolist() == ["a", "b"]
     np.testing.assert_allclose(result["confidence"], [1.0, 1.0])
+    assert query.obs["ct"].tolist() == ["true a", "true b"]
+    assert query.obs["ct_transferred"].astype(str).tolist() == ["a", "b"]
+    np.testing.assert_allclose(query.obs["ct_transferred_confidence"], [1.0, 1.0])
 
 
 def test_transfer_labels_errors(pbmc_pca):
@@ -60,6 +64,8 @@ def test_transfer_labels_errors(pbmc_pca):
         scfm.tl.transfer_labels(pbmc_pca, query, "bulk_labels", use_rep="X_pca")
     with pytest.raises(AnnDataKeyError, match="labels_key"):
         scfm.tl.transfer_labels(pbmc_pca, query, "nope", use_rep="X_pca")
+    with pytest.raises(InvalidInputError, match="'/'"):
+        scfm.tl.transfer_labels(pbmc_pca, query, "bulk_labels", use_rep="X_pca", key_added="a/b")
 
 
 @pytest.mark.slow

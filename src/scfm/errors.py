@@ -20,6 +20,7 @@ __all__ = [
     "EmptyDataError",
     "GeneVocabularyError",
     "InvalidInputError",
+    "NonFiniteOutputError",
     "NotSetupError",
     "OntologyError",
     "ScfmError",
@@ -135,4 +136,13 @@ class UnsafeCheckpointError(CheckpointError):
 
     scfm reads weights with ``torch.load(weights_only=True)`` or safetensors. A file that
     cannot be read that way is refused unless the caller passes ``trust_checkpoint=True``.
+    """
+
+
+class NonFiniteOutputError(ScfmError, ArithmeticError):
+    """A model produced NaN or infinite values; nothing was written.
+
+    Raised instead of writing NaN into ``.obsm`` / ``.varm`` / ``.obs``. Usual causes are
+    input values outside what the model was trained on, damaged weights, or float16 overflow
+    under mixed precision.
     """

@@ -37,18 +37,22 @@ IdType = Literal["ensembl", "symbol"]
 # the PAR-Y copies in Geneformer's V1 dictionary are spelled ENSGR0000...
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G[R]?\d{6,}$")
 _VERSION_RE = re.compile(r"^(ENS[A-Z]*G[R]?\d{6,})\.\d+(_PAR_Y)?$")
+#: Ensembl ids written in another case (``ensg00000141510``, ``Ensg...``), version optional.
+_ANY_CASE_ENSEMBL_RE = re.compile(r"^ens[a-z]*g[r]?\d{6,}(\.\d+)?(_par_y)?$", re.IGNORECASE)
 
 #: Fraction of ids that must look like Ensembl ids for a list to count as Ensembl.
 _ID_TYPE_MAJORITY = 0.9
 
 
 def strip_version(ids: Sequence[str] | pd.Index) -> pd.Index:
-    """Remove Ensembl version suffixes (``ENSG00000141510.17`` -> ``ENSG00000141510``).
+    """Normalise Ensembl ids: upper case, no version (``ensg...510.17`` -> ``ENSG...510``).
 
-    Symbols and ids without a version are returned unchanged. ``_PAR_Y`` suffixes (GENCODE's
-    pseudo-autosomal copies) are kept so that they stay distinct from the X copy.
+    Symbols are returned unchanged. ``_PAR_Y`` suffixes (GENCODE's pseudo-autosomal copies)
+    are kept so that they stay distinct from the X copy.
     """
-    idx = pd.Index([str(x) for x in ids])
+    idx = pd.Index(
+        [str(x).upper() if _ANY_CASE_ENSEMBL_RE.match(str(x)) else str(x) for x in ids]
+    )
     return pd.Index([_VERSION_RE.sub(lambda m: m.group(1) + (m.group(2) or ""), x) for x in idx])
 
 

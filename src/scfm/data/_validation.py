@@ -24,7 +24,9 @@ from scfm.errors import (
 
 __all__ = [
     "check_anndata",
+    "check_count_values",
     "check_counts",
+    "check_key_added",
     "check_obs_keys",
     "check_spatial",
     "get_matrix",
@@ -64,44 +66,114 @@ def _values_to_check(matrix) -> np.ndarray:
     return np.asarray(matrix).ravel()
 
 
-def check_counts(adata: ad.AnnData, layer: str | None = None, *, where: str = "") -> None:
-    """Check that the expression matrix holds raw counts.
+def check_count_values(
+    values: np.ndarray | sp.spmatrix | sp.sparray,
+    *,
+    name: str,
+    integer: bool = True,
+    where: str = "",
+) -> bool:
+    """Check the values of an expression block: finite, non-negative, and integer if asked.
 
-    Raw counts are finite, non-negative and integer valued (stored as any dtype). For a
-    backed AnnData only the first 10,000 cells are inspected.
+    Cheap enough to run on every minibatch (only stored values of a sparse block are read).
+
+    Parameters
+    ----------
+    values
+        A block of the expression matrix (dense or sparse).
+    name
+        How the matrix is named in messages (``"adata.X"``, ``"adata.layers['counts']"``).
+    integer
+        Require integer values (raw counts).
+    where
+        Appended to messages (e.g. ``" in cells 10-20"``).
+
+    Returns
+    -------
+    Whether the block holds non-integer values (only possible with ``integer=False``).
 
     Raises
     ------
     CountDataError
-        On NaN / inf, negative or non-integer values, naming the fix.
+        On NaN / inf, negative values, or non-integer values when ``integer``.
+    """
+    if sp.issparse(values):
+        data = np.asarray(values.tocsr().data if values.format == "coo" else values.data)
+    else:
+        data = np.asarray(values).ravel()
+    if data.size == 0:
+        return False
+    if not np.issubdtype(data.dtype, np.number):
+        raise CountDataError(f"{name} has dtype {data.dtype}; raw counts must be numeric.")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise CountDataError(
+            f"{name} contains {int((~finite).sum())} NaN or infinite values{where}. The model "
+            "needs finite raw counts: fix or drop the affected cells / genes."
+        )
+    low = data.min()
+    if low < 0:
+        raise CountDataError(
+            f"{name} contains negative values (min {low:.3g}){where}: it looks scaled or "
+            "batch-corrected. Use the raw counts (setup_anndata(adata, layer='counts'), or "
+            "adata.raw.to_adata() if raw holds counts)."
+        )
+    if not np.issubdtype(data.dtype, np.floating):
+        return False
+    fractional = data != np.round(data)
+    if not fractional.any():
+        return False
+    if integer:
+        example = data[fractional][0]
+        raise CountDataError(
+            f"{name} contains non-integer values (e.g. {example:.4g}){where}: it looks "
+            "normalised or log-transformed, but raw counts are required (the models were "
+            "trained on them). Use the raw counts (setup_anndata(adata, layer='counts'); keep "
+            "a copy before sc.pp.normalize_total / sc.pp.log1p). Non-integer count estimates "
+            "(alevin-fry, SoupX, TPM) are accepted with setup_anndata(..., "
+            "allow_non_integer=True)."
+        )
+    return True
+
+
+def check_key_added(key_added: str, *, where: str) -> str:
+    """Check a user-chosen output key before any work: a non-empty string without ``/``.
+
+    h5ad stores each key as an HDF5 name, so ``/`` would write a file anndata cannot read.
+
+    Raises
+    ------
+    InvalidInputError
+        For anything else.
+    """
+    if not isinstance(key_added, str) or not key_added or "/" in key_added:
+        raise InvalidInputError(
+            f"key_added={key_added!r} cannot be used as an {where} key: pass a non-empty "
+            "string without '/' (h5ad files cannot store '/' in key names)."
+        )
+    return key_added
+
+
+def check_counts(
+    adata: ad.AnnData, layer: str | None = None, *, where: str = "", integer: bool = True
+) -> bool:
+    """Check that the expression matrix holds raw counts (see :func:`check_count_values`).
+
+    For a backed AnnData only the first 10,000 cells are inspected here; every inference
+    path checks each minibatch it reads as well.
+
+    Returns
+    -------
+    Whether non-integer values were seen (only possible with ``integer=False``).
+
+    Raises
+    ------
+    CountDataError
+        On NaN / inf, negative or (with ``integer``) non-integer values, naming the fix.
     """
     matrix = get_matrix(adata, layer)
     name = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    values = _values_to_check(matrix)
-    if values.size == 0:
-        return
-    if not np.issubdtype(values.dtype, np.number):
-        raise CountDataError(f"{name} has dtype {values.dtype}; raw counts must be numeric.")
-    if not np.all(np.isfinite(values)):
-        n_bad = int((~np.isfinite(values)).sum())
-        raise CountDataError(
-            f"{name} contains {n_bad} NaN or infinite values{where}. Raw counts must be "
-            "finite: fix or drop the affected cells/genes before setup_anndata."
-        )
-    if values.min() < 0:
-        raise CountDataError(
-            f"{name} contains negative values (min {values.min():.3g}){where}: it looks "
-            "scaled or batch-corrected. Pass the layer with raw counts, e.g. "
-            "layer='counts', or adata.raw.to_adata()."
-        )
-    if np.issubdtype(values.dtype, np.floating) and np.any(values != np.round(values)):
-        example = values[values != np.round(values)][0]
-        raise CountDataError(
-            f"{name} contains non-integer values (e.g. {example:.4g}){where}: it looks "
-            "normalised or log-transformed, but raw counts are required. Pass the raw-count "
-            "layer, e.g. layer='counts' (keep a copy before sc.pp.normalize_total / "
-            "sc.pp.log1p), or adata.raw.to_adata() if raw holds counts."
-        )
+    return check_count_values(_values_to_check(matrix), name=name, integer=integer, where=where)
 
 
 def check_anndata(adata: ad.AnnData) -> None:

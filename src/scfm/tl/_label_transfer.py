@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
-from scfm.data._validation import check_obs_keys
+from scfm.data._validation import check_key_added, check_obs_keys
 from scfm.errors import AnnDataKeyError, InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def transfer_labels(
         Distance of :class:`sklearn.neighbors.NearestNeighbors` (``"euclidean"``,
         ``"cosine"``, ...).
     key_added
-        ``query.obs`` column for the labels (default ``labels_key``); the confidence goes to
+        ``query.obs`` column for the labels; default ``f"{labels_key}_transferred"``, so
+        true labels the query may hold are never overwritten. The confidence goes to
         ``query.obs[f"{key_added}_confidence"]``.
 
     Returns
@@ -72,9 +73,12 @@ def transfer_labels(
     Examples
     --------
     >>> scfm.tl.transfer_labels(ref, query, "cell_type", use_rep="X_geneformer")
-    >>> query.obs[["cell_type", "cell_type_confidence"]]
+    >>> query.obs[["cell_type_transferred", "cell_type_transferred_confidence"]]
     """
     check_obs_keys(reference, [("labels_key", labels_key)])
+    key = check_key_added(
+        f"{labels_key}_transferred" if key_added is None else key_added, where="query.obs"
+    )
     x_ref = _embedding(reference, use_rep, "reference")
     x_query = _embedding(query, use_rep, "query")
     if x_ref.shape[1] != x_query.shape[1]:
@@ -97,7 +101,6 @@ def transfer_labels(
     best = votes.argmax(axis=1)
     confidence = votes[np.arange(query.n_obs), best] / votes.sum(axis=1)
 
-    key = key_added or labels_key
     result = pd.DataFrame(
         {
             "label": pd.Categorical.from_codes(best, categories=labels.categories),
