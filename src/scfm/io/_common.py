@@ -46,8 +46,9 @@ __all__ = [
 def resolve_local_path(path: str | os.PathLike, what: str = "checkpoint") -> Path:
     """Return ``path`` as an existing local :class:`~pathlib.Path`.
 
-    scfm never downloads: a hub id such as ``"ctheodoris/Geneformer"`` that is not a local
-    path is refused with a message that says how to get the files.
+    A hub id such as ``"ctheodoris/Geneformer"`` that is not a local path is refused with a
+    message that says how to get the files (catalogue release names are resolved before, by
+    :func:`scfm.hub.resolve`).
 
     Raises
     ------
@@ -60,9 +61,9 @@ def resolve_local_path(path: str | os.PathLike, what: str = "checkpoint") -> Pat
     text = os.fspath(path)
     looks_like_hub_id = "://" in text or (text.count("/") == 1 and not text.startswith((".", "/")))
     hint = (
-        " scfm reads local files only and never downloads; download the release files "
-        "(e.g. with `huggingface-cli download` or from the model's release page) and pass "
-        "the local directory."
+        " It is not a release name of scfm's catalogue either (scfm.hub.releases() lists "
+        "them; `scfm fetch NAME` downloads one). Download the release files (e.g. with "
+        "`hf download` or from the model's release page) and pass the local folder."
         if looks_like_hub_id
         else " Pass the directory (or file) holding the released checkpoint."
     )
