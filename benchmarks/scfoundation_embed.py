@@ -132,7 +132,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
 
     genes = read_scfoundation_gene_list()
     adata = synthetic_cells(args.n_cells, args.n_genes, genes)

@@ -1,29 +1,37 @@
-"""CellPLM parity with the reference pipelines (fixture ../shared/fixtures/cellplm) and loading."""
+"""CellPLM parity with the reference pipelines (fixture tests/data/fixtures/cellplm) and loading."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 import scfm
 from conftest import fixture_dir
+from scfm.data._cellplm_sentences import cellplm_gene_rank, label_codes
+from scfm.data._loader import GeneSpace
 from scfm.errors import (
     AnnDataKeyError,
+    CheckpointFormatError,
     CheckpointKeyError,
     CheckpointNotFoundError,
     CountDataError,
+    InvalidInputError,
     SpatialCoordinateError,
 )
 
 ATOL = 1e-4
 VAE, GMVAE = "20231027_85M", "20230926_85M"
 PREFIXES = {VAE: "", GMVAE: "gmvae_"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,41 +66,44 @@ def models(fx):
     }
 
 
-def _close(actual, desired):
-    np.testing.assert_allclose(np.asarray(actual), desired, atol=ATOL, rtol=0)
+def _close(actual, desired, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(actual), desired, atol=atol, rtol=0)
+
+
+def _z(model, adata=None, **options):
+    return model.get_latent_representation(adata, progress_bar=False, **options)
+
+
+def _expr(model, adata=None, **options):
+    return model.get_normalized_expression(adata, progress_bar=False, **options)
 
 
 @pytest.mark.parametrize("prefix", list(PREFIXES))
 def test_intermediates(models, expected, prefix):
     _, m = models
     px = PREFIXES[prefix]
-    for layer, key in [
-        ("embedder", "h_embed"),
-        ("encoder", "h_encoder"),
-        ("pre_latent", "h_prelatent"),
-    ]:
-        _close(
-            m[prefix].get_latent_representation(layer=layer, progress_bar=False), expected[px + key]
-        )
+    _close(_z(m[prefix], hidden_layer=0), expected[px + "h_embed"])
+    _close(_z(m[prefix], hidden_layer=-1), expected[px + "h_encoder"])
+    _close(_z(m[prefix], hidden_layer=2), expected[px + "h_encoder"])
+    _close(_z(m[prefix], output="pre_latent"), expected[px + "h_prelatent"])
+    with pytest.raises(InvalidInputError, match="hidden_layer"):
+        _z(m[prefix], hidden_layer=3)
+    with pytest.raises(InvalidInputError, match="layer"):
+        _z(m[prefix], layer=-1)  # ``layer`` is the AnnData layer of setup_anndata only
 
 
 def test_vae_embeddings(models, expected, settings):
     adata, m = models
     model = m[VAE]
     assert model.config.latent_mod == "vae"
-    _close(model.get_latent_representation(progress_bar=False), expected["cell_embeddings"])
+    z = _z(model)
+    _close(z, expected["cell_embeddings"])
     # obsm["spatial"] is registered by default but the released model ignores coordinates
     assert model.setup_args["spatial_key"] == "spatial"
-    _close(model.get_latent_representation(progress_bar=False), expected["cell_embeddings_spatial"])
-    _close(
-        model.get_latent_representation(chunk_size=settings["chunk"], progress_bar=False),
-        expected["cell_embeddings_chunked"],
-    )
-    # packing several sentences per minibatch or one per minibatch gives the same numbers
-    _close(
-        model.get_latent_representation(batch_size=1, progress_bar=False),
-        expected["cell_embeddings"],
-    )
+    _close(z, expected["cell_embeddings_spatial"])
+    _close(_z(model, chunk_size=settings["chunk"]), expected["cell_embeddings_chunked"])
+    # the VAE release is deterministic: seed changes nothing
+    np.testing.assert_array_equal(_z(model, seed=5), z)
     # the reference's sentence order: labels sorted, cells in AnnData order
     labels = adata.obs["batch"].astype(str).to_numpy()
     order = np.concatenate([np.flatnonzero(labels == b) for b in sorted(set(labels))])
@@ -103,66 +114,68 @@ def test_gmvae_embeddings(models, expected, settings):
     _, m = models
     model = m[GMVAE]
     seed = settings["emb_seed"]
-    _close(
-        model.get_latent_representation(progress_bar=False),
-        expected["gmvae_cell_embeddings_argmax"],
-    )
-    # deterministic by default
-    _close(
-        model.get_latent_representation(progress_bar=False),
-        expected["gmvae_cell_embeddings_argmax"],
-    )
-    _close(
-        model.get_latent_representation(layer="cluster_logits", progress_bar=False),
-        expected["gmvae_latent_logits"],
-    )
-    z = model.get_latent_representation(sample=True, seed=seed, progress_bar=False)
+    # deterministic by default: each cell's most probable cluster
+    _close(_z(model), expected["gmvae_cell_embeddings_argmax"])
+    _close(_z(model), expected["gmvae_cell_embeddings_argmax"])
+    _close(_z(model, output="cluster_logits"), expected["gmvae_latent_logits"])
+    # seed=s: the reference's Gumbel sampling after torch.manual_seed(s), bit for bit
+    z = _z(model, seed=seed)
     _close(z, expected["gmvae_cell_embeddings"])
     _close(z, expected["gmvae_cell_embeddings_spatial"])
-    y = model.get_latent_representation(layer="cluster", sample=True, seed=seed, progress_bar=False)
-    np.testing.assert_array_equal(y, expected["gmvae_latent_y"])
-    kw = {"sample": True, "seed": seed, "chunk_size": settings["chunk"], "progress_bar": False}
-    _close(model.get_latent_representation(**kw), expected["gmvae_cell_embeddings_chunked"])
     np.testing.assert_array_equal(
-        model.get_latent_representation(layer="cluster", **kw), expected["gmvae_chunked_latent_y"]
+        _z(model, output="cluster", seed=seed), expected["gmvae_latent_y"]
     )
-    # seed=None reproduces the reference after torch.manual_seed (global RNG)
-    torch.manual_seed(seed)
-    _close(
-        model.get_latent_representation(sample=True, progress_bar=False),
-        expected["gmvae_cell_embeddings"],
+    kw = {"seed": seed, "chunk_size": settings["chunk"]}
+    _close(_z(model, **kw), expected["gmvae_cell_embeddings_chunked"])
+    np.testing.assert_array_equal(
+        _z(model, output="cluster", **kw), expected["gmvae_chunked_latent_y"]
     )
-    if (
-        np.abs(expected["gmvae_cell_embeddings"] - expected["gmvae_cell_embeddings_argmax"]).max()
-        > 0
-    ):
+    # the noise belongs to the call, not to minibatches: batch_size changes nothing
+    _close(_z(model, seed=seed, batch_size=1), z, atol=1e-6)
+    if np.abs(expected["gmvae_cell_embeddings"] - expected["gmvae_cell_embeddings_argmax"]).max():
         # sampling matters for this model: another seed gives other clusters somewhere
-        other = model.get_latent_representation(sample=True, seed=seed + 1, progress_bar=False)
-        assert np.abs(other - expected["gmvae_cell_embeddings"]).max() > 1e-3
+        assert np.abs(_z(model, seed=seed + 1) - z).max() > 1e-3
+    with pytest.raises(InvalidInputError, match="GMVAE"):
+        _z(m[VAE], output="cluster")
+    with pytest.raises(InvalidInputError, match="seed"):
+        _z(model, seed=-1)
 
 
 def test_embed_writes_obsm(fx, expected):
     adata = _adata(fx)
-    model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint" / VAE, adata)
+    model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", adata, prefix=VAE)
     model.embed(adata, key_added="emb", progress_bar=False)
     _close(adata.obsm["emb"], expected["cell_embeddings"])
-    assert adata.uns["scfm"]["obsm"]["emb"]["checkpoint"].endswith(VAE)
-    assert VAE in model._model_summary_string
+    assert adata.uns["scfm"]["obsm"]["emb"]["model"] == "CellPLM"
+    assert "checkpoint" in adata.uns["scfm"]["obsm"]["emb"]["checkpoint"]
 
 
-def test_kept_genes(models, expected):
+def test_kept_genes_and_embedder_input(models, expected):
+    """Alignment to the config gene list, and log1p of the model-space counts summed in the
+    AnnData's column order (the reference's order) = the embedder input of the reference."""
     adata, m = models
     alignment = m[VAE].gene_alignment
     np.testing.assert_array_equal(adata.var_names[alignment.var_index], expected["kept_genes"])
     np.testing.assert_array_equal(alignment.vocab_index, expected["kept_gene_vocab_index"])
-    n_kept = len(expected["kept_genes"])
-    assert adata.uns["scfm"]["gene_alignment"]["cellplm"]["n_matched"] == n_kept
+    assert adata.uns["scfm"]["gene_alignment"]["cellplm"]["n_matched"] == len(
+        expected["kept_genes"]
+    )
+    vocab = m[VAE].vocabulary
+    space = GeneSpace.from_pairs(
+        alignment.var_index, alignment.vocab_index, adata.n_vars, len(vocab)
+    )
+    cells = np.arange(adata.n_obs)
+    rank = cellplm_gene_rank(alignment, adata.var_names, vocab, np.zeros(adata.n_obs), cells)
+    assert rank.shape == (adata.n_obs, len(vocab)) and rank.strides[0] == 0  # one shared row
+    cols = np.flatnonzero(rank[0])
+    cols = cols[np.argsort(rank[0][cols])]
+    np.testing.assert_array_equal(cols, expected["kept_gene_vocab_index"])
+    x = space.map(adata.X)
+    _close(np.log1p(x[:, cols]), expected["x_log1p_dense"], atol=1e-6)
 
 
 def test_sentences(models, expected, settings):
     adata, _ = models
-    from scfm.data._cellplm_sentences import label_codes
-
     groups = label_codes(adata.obs["batch"])
     sentence = scfm.data.cellplm_sentence_ids(groups)
     np.testing.assert_array_equal(np.bincount(sentence), expected["feed_batch_sizes"])
@@ -175,38 +188,68 @@ def test_sentences(models, expected, settings):
     for pos in packs:
         ids = np.unique(chunked[pos])
         assert np.isin(np.flatnonzero(np.isin(chunked, ids)), pos).all()
+        assert len(pos) <= 2 * settings["chunk"] or len(ids) == 1
     # numeric labels sort as numbers (sklearn LabelEncoder), strings as strings
     np.testing.assert_array_equal(label_codes(np.array([10, 2, 1])), [2, 1, 0])
     np.testing.assert_array_equal(label_codes(np.array(["10", "2", "1"])), [1, 2, 0])
 
 
-def test_expression_input(models, expected, fx):
-    adata, m = models
-    alignment = m[VAE].gene_alignment
-    x = torch.as_tensor(adata.X.toarray())
-    tokens = scfm.data.cellplm_expression_input(x, torch.as_tensor(alignment.var_index))
-    _close(tokens, expected["x_log1p_dense"])
-
-
 def test_gene_embeddings_are_embedding_rows(models, fx):
     _, m = models
     genes = m[VAE].get_gene_embeddings(progress_bar=False)
-    state = torch.load(fx / "checkpoint" / f"{VAE}.best.ckpt", weights_only=True)[
-        "model_state_dict"
-    ]
-    gene_list = m[VAE].gene_list
-    rows = [gene_list.index(g) for g in genes.index]
-    _close(genes.to_numpy(), state["embedder.feat_enc.emb"][rows].numpy())
+    state = torch.load(fx / "checkpoint" / f"{VAE}.best.ckpt", weights_only=True)
+    emb = state["model_state_dict"]["embedder.feat_enc.emb"].numpy()
+    assert sorted(genes.index) == sorted(m[VAE].vocabulary)
+    _close(genes.to_numpy(), emb[m[VAE].vocabulary.get_indexer(genes.index)], atol=0)
 
 
 def test_indices_subset_order(models, expected):
     _, m = models
     idx = np.array([5, 3, 59, 3])
-    z = m[VAE].get_latent_representation(indices=idx, progress_bar=False)
-    full = m[VAE].get_latent_representation(indices=np.unique(idx), progress_bar=False)
-    _close(z, full[[1, 0, 2, 0]])
+    z = _z(m[VAE], indices=idx)
+    full = _z(m[VAE], indices=np.unique(idx))
+    _close(z, full[[1, 0, 2, 0]], atol=0)
     # a sentence of fewer cells gives different embeddings (cells attend to each other)
     assert np.abs(z[1] - expected["cell_embeddings"][3]).max() > 1e-3
+
+
+def test_batch_size_and_deep_cells(models):
+    """CellPLM has no token cap (every gene of a cell enters its token); whatever the
+    minibatch size, whole sentences are packed, so outputs do not depend on it."""
+    adata, m = models
+    deep = adata.copy()
+    x = deep.X.toarray()
+    x[::7] = np.random.default_rng(0).poisson(5.0, size=x[::7].shape) + 1  # every gene expressed
+    deep.X = sp.csr_matrix(x)
+    scfm.model.CellPLM.setup_anndata(deep)
+    for model, kw in ((m[VAE], {}), (m[GMVAE], {"seed": 3})):
+        ref = _z(model, deep, **kw)
+        for batch_size in (1, 20, 40):
+            _close(_z(model, deep, batch_size=batch_size, **kw), ref, atol=1e-6)
+        e = _expr(model, deep, **kw)
+        _close(_expr(model, deep, batch_size=1, **kw), e.to_numpy(), atol=1e-3)
+
+
+def test_any_anndata(models):
+    """A query with genes missing, extra unknown genes and shuffled columns embeds like the
+    original AnnData restricted to the shared genes."""
+    adata, m = models
+    rng = np.random.default_rng(1)
+    keep = np.sort(rng.choice(adata.n_vars, 150, replace=False))
+    sub = adata[:, keep].copy()
+    extra = ad.AnnData(sp.csr_matrix(rng.poisson(1.0, (adata.n_obs, 20)).astype(np.float32)))
+    extra.obs_names = adata.obs_names
+    extra.var_names = [f"ENSG99999{i:06d}" for i in range(20)]
+    query = ad.concat([sub, extra], axis=1)
+    query.obs = adata.obs.copy()
+    query = query[:, rng.permutation(query.n_vars)].copy()
+    scfm.model.CellPLM.setup_anndata(sub)
+    scfm.model.CellPLM.setup_anndata(query)
+    for model in m.values():
+        _close(_z(model, query), _z(model, sub), atol=1e-5)
+        want = _expr(model, sub)
+        got = _expr(model, query)
+        np.testing.assert_allclose(got[want.columns].to_numpy(), want.to_numpy(), rtol=1e-4)
 
 
 def test_query_with_new_or_absent_batch_labels_and_coordinates(models, expected, fx):
@@ -217,26 +260,26 @@ def test_query_with_new_or_absent_batch_labels_and_coordinates(models, expected,
     idx = np.flatnonzero(adata.obs["batch"].astype(str).to_numpy() == first)
     renamed = adata[idx].copy()  # shares the fixture's scvi-tools id, as copies do
     renamed.obs["batch"] = pd.Categorical(["a sample the model never saw"] * len(idx))
-    _close(m[VAE].get_latent_representation(renamed, progress_bar=False),
-           expected["cell_embeddings"][idx])  # fmt: skip
+    _close(_z(m[VAE], renamed), expected["cell_embeddings"][idx])
     absent = adata[idx].copy()
     del absent.obs["batch"], absent.obsm["spatial"]
     scfm.model.CellPLM.setup_anndata(absent)
-    _close(m[VAE].get_latent_representation(absent, progress_bar=False),
-           expected["cell_embeddings"][idx])  # fmt: skip
-    with pytest.raises(SpatialCoordinateError, match="obsm has no 'spatial'"):
-        m[VAE].get_latent_representation(absent, sentence="spatial", progress_bar=False)
+    _close(_z(m[VAE], absent), expected["cell_embeddings"][idx])
+    with pytest.raises(InvalidInputError, match="spatial_key"):
+        _z(m[VAE], absent, sentence="spatial")
     spatial = scfm.model.CellPLM.from_pretrained(
         fx / "checkpoint", adata, prefix=VAE, spatial_encoding=True
     )
-    with pytest.raises(SpatialCoordinateError, match="obsm has no 'spatial'"):
-        spatial.get_latent_representation(absent, progress_bar=False)
+    no_coords = adata[idx].copy()
+    del no_coords.obsm["spatial"]
+    with pytest.raises((SpatialCoordinateError, InvalidInputError), match="spatial"):
+        _z(spatial, no_coords)
 
 
 @pytest.mark.parametrize("prefix", list(PREFIXES))
 def test_imputation(fx, expected, settings, prefix):
     px = PREFIXES[prefix]
-    kw = {"sample": True, "seed": settings["imp_seed"]} if px else {}
+    kw = {"seed": settings["imp_seed"]} if px else {}
     adata = ad.read_h5ad(fx / "input.h5ad")
     targets = [str(g) for g in expected["imputation_target_genes"]]
     pos = adata.var_names.get_indexer(targets)
@@ -251,18 +294,12 @@ def test_imputation(fx, expected, settings, prefix):
     _close(out, expected[px + "imputed_all_kept_genes"])
     _close(adata.layers["cellplm_imputed"][:, adata.var_names.get_indexer(out.columns)], out)
     assert "cellplm_imputed" in adata.uns["scfm"]["layers"]
-    _close(
-        model.get_imputed_expression(genes=targets, progress_bar=False, **kw),
-        expected[px + "imputed_target_genes"],
-    )
-    raw = model.get_imputed_expression(genes="vocabulary", rescale=False, progress_bar=False, **kw)
+    _close(_expr(model, gene_list=targets, **kw), expected[px + "imputed_target_genes"])
+    raw = _expr(model, gene_list=list(model.vocabulary), rescale=False, **kw)
     _close(raw, expected[px + "imputation_dec_mean_raw"])
     if px:
-        _close(
-            model.get_imputed_expression(progress_bar=False),
-            expected[px + "imputed_all_kept_genes_argmax"],
-        )
-        y = model.get_latent_representation(layer="cluster", progress_bar=False, **kw)
+        _close(_expr(model), expected[px + "imputed_all_kept_genes_argmax"])
+        y = _z(model, output="cluster", **kw)
         np.testing.assert_array_equal(y, expected["gmvae_imputation_latent_y"])
 
 
@@ -270,28 +307,22 @@ def test_imputation(fx, expected, settings, prefix):
 def test_reconstruction(models, expected, settings, prefix):
     _, m = models
     px = PREFIXES[prefix]
-    kw = {"sample": True, "seed": settings["imp_seed"]} if px else {}
-    _close(
-        m[prefix].get_imputed_expression(progress_bar=False, **kw),
-        expected[px + "reconstructed_expression"],
-    )
+    kw = {"seed": settings["imp_seed"]} if px else {}
+    _close(_expr(m[prefix], **kw), expected[px + "reconstructed_expression"])
+    with pytest.raises(InvalidInputError, match="rescale"):
+        _expr(m[prefix], rescale="yes")
 
 
 # ---------------------------------------------------------------------------- loading variants
 def test_path_forms(fx, tmp_path, expected):
     adata = _adata(fx)
     ckpt = fx / "checkpoint"
-    for path, prefix in [
-        (ckpt / VAE, None),
-        (ckpt / f"{VAE}.best.ckpt", None),
-        (ckpt / f"{VAE}.config.json", None),
-    ]:
-        m = scfm.model.CellPLM.from_pretrained(path, adata, prefix=prefix)
-        _close(m.get_latent_representation(progress_bar=False), expected["cell_embeddings"])
-    # the fixture contract: the folder alone gives the newest release (20231027_85M)
+    for path in (ckpt / f"{VAE}.best.ckpt", ckpt / f"{VAE}.config.json"):
+        m = scfm.model.CellPLM.from_pretrained(path, adata)
+        _close(_z(m), expected["cell_embeddings"])
+    # the folder alone gives the newest release (20231027_85M)
     m = scfm.model.CellPLM.from_pretrained(ckpt, adata)
     assert m.config.latent_mod == "vae"
-    _close(m.get_latent_representation(progress_bar=False), expected["cell_embeddings"])
     with pytest.raises(CheckpointNotFoundError, match="20231027_85M"):
         scfm.model.CellPLM.from_pretrained(ckpt, adata, prefix="20990101_1M")
     # one model in the folder: prefix optional; a plain state dict + extra entries also load
@@ -302,68 +333,140 @@ def test_path_forms(fx, tmp_path, expected):
     torch.save({**state, "epoch": 3}, single / f"{GMVAE}.best.ckpt")
     m = scfm.model.CellPLM.from_pretrained(single, adata)
     assert m.config.latent_mod == "gmvae"
-    _close(
-        m.get_latent_representation(progress_bar=False), expected["gmvae_cell_embeddings_argmax"]
-    )
+    _close(_z(m), expected["gmvae_cell_embeddings_argmax"])
     torch.save(state["model_state_dict"], single / f"{GMVAE}.best.ckpt")
     m = scfm.model.CellPLM.from_pretrained(single, adata)
-    _close(
-        m.get_latent_representation(progress_bar=False), expected["gmvae_cell_embeddings_argmax"]
+    _close(_z(m), expected["gmvae_cell_embeddings_argmax"])
+
+
+def _release(fx, tmp_path, config=None, state=None, prefix=VAE):
+    """A copy of a fixture release with the config / weights replaced."""
+    src = fx / "checkpoint"
+    raw = json.loads((src / f"{prefix}.config.json").read_text())
+    sd = torch.load(src / f"{prefix}.best.ckpt", weights_only=True)["model_state_dict"]
+    raw = raw if config is None else config(raw)
+    (tmp_path / f"{prefix}.config.json").write_text(json.dumps(raw))
+    torch.save(
+        {"model_state_dict": sd if state is None else state(sd)}, tmp_path / f"{prefix}.best.ckpt"
     )
+    return tmp_path
 
 
 def test_strict_keys(fx, tmp_path):
     adata = _adata(fx)
-    src = fx / "checkpoint"
-    state = torch.load(src / f"{VAE}.best.ckpt", weights_only=True)["model_state_dict"]
-    shutil.copy(src / f"{VAE}.config.json", tmp_path / f"{VAE}.config.json")
 
-    def load(sd):
-        torch.save({"model_state_dict": sd}, tmp_path / f"{VAE}.best.ckpt")
-        return scfm.model.CellPLM.from_pretrained(tmp_path, adata)
+    def load(state):
+        path = _release(fx, tmp_path, state=state)
+        return scfm.model.CellPLM.from_pretrained(path, adata)
 
     # the unused keys the spec lists may be absent
-    trimmed = {
-        k: v for k, v in state.items() if not k.startswith(("embedder.norm0", "embedder.pe_enc"))
-    }
-    load(trimmed)
-    missing = {k: v for k, v in state.items() if k != "encoder.layers.1.norm2.weight"}
+    load(
+        lambda sd: {
+            k: v for k, v in sd.items() if not k.startswith(("embedder.norm0", "embedder.pe_enc"))
+        }
+    )
     with pytest.raises(CheckpointKeyError, match=r"encoder\.layers\.1\.norm2\.weight") as err:
-        load(missing)
+        load(lambda sd: {k: v for k, v in sd.items() if k != "encoder.layers.1.norm2.weight"})
     assert err.value.missing == ["encoder.layers.1.norm2.weight"]
     with pytest.raises(CheckpointKeyError, match=r"head\.weight"):
-        load({**state, "head.weight": torch.zeros(2)})
-    bad = dict(state)
-    bad["decoder.out_layer.dec_disp"] = torch.zeros(301)
-    with pytest.raises(CheckpointKeyError, match="dec_disp"):
-        load(bad)
-    # a GMVAE state dict under a VAE config fails loudly
-    gm = torch.load(src / f"{GMVAE}.best.ckpt", weights_only=True)["model_state_dict"]
-    with pytest.raises(CheckpointKeyError, match="hid_2mu"):
-        load(gm)
+        load(lambda sd: {**sd, "head.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointFormatError, match="dec_disp"):  # shape checked before build
+        load(lambda sd: {**sd, "decoder.out_layer.dec_disp": torch.zeros(300, 1)})
+    # NaN / inf weights are refused, naming the tensor
+    with pytest.raises(CheckpointFormatError, match=r"encoder\.layers\.0\.norm1\.bias"):
+        load(
+            lambda sd: {
+                **sd,
+                "encoder.layers.0.norm1.bias": torch.full_like(
+                    sd["encoder.layers.0.norm1.bias"], float("nan")
+                ),
+            }
+        )
+    # a GMVAE state dict under a VAE config fails before any module is built
+    gm = torch.load(fx / "checkpoint" / f"{GMVAE}.best.ckpt", weights_only=True)
+    with pytest.raises(CheckpointFormatError, match="latent_mod"):
+        load(lambda _: gm["model_state_dict"])
 
 
-def test_config_defaults_and_unsupported(fx, tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("enc_layers", 1_000_000, "enc_layers"),
+        ("enc_layers", 1e6, "enc_layers"),
+        ("enc_hid", -24, "enc_hid"),
+        ("enc_hid", "24", "enc_hid"),
+        ("enc_layers", 3, "enc_layers"),  # disagrees with the weights
+        ("post_latent_dim", 16, "post_latent_dim"),
+        ("batch_num", 21, "batch_num"),
+        ("enc_head", 5, "enc_head"),
+        ("out_dim", 301, "out_dim"),
+        ("latent_mod", "ae", "latent_mod"),
+        ("model_dropout", 1.5, "model_dropout"),
+        ("dae", "yes", "dae"),
+        ("enc_mod", "performer", "performer"),
+    ],
+)
+def test_bad_configs_fail_fast(fx, tmp_path, key, value, match):
+    adata = _adata(fx)
+    path = _release(fx, tmp_path, config=lambda raw: {**raw, key: value})
+    start = time.perf_counter()
+    with pytest.raises(CheckpointFormatError, match=match):
+        scfm.model.CellPLM.from_pretrained(path, adata)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_malformed_release_files(fx, tmp_path):
+    adata = _adata(fx)
+    path = _release(fx, tmp_path)
+    config = path / f"{VAE}.config.json"
+    raw = json.loads(config.read_text())
+    for text, match in [
+        ("{not json", "not a readable JSON"),
+        (json.dumps([1, 2]), "gene_list"),
+        (json.dumps({**raw, "gene_list": "ENSG1"}), "gene_list"),
+        (
+            json.dumps({**raw, "gene_list": [*raw["gene_list"][:-1], raw["gene_list"][0]]}),
+            "duplicated",
+        ),
+        (json.dumps({**raw, "gene_list": [*raw["gene_list"][:-1], 7]}), "gene_list"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(CheckpointFormatError, match=match):
+            scfm.model.CellPLM.from_pretrained(path, adata)
+    config.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CheckpointFormatError):
+        scfm.model.CellPLM.from_pretrained(path, adata)
+    config.write_text(json.dumps(raw))
+    (path / f"{VAE}.best.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointFormatError):
+        scfm.model.CellPLM.from_pretrained(path, adata)
+    torch.save({"model_state_dict": [1, 2]}, path / f"{VAE}.best.ckpt")
+    with pytest.raises(CheckpointFormatError, match="model_state_dict"):
+        scfm.model.CellPLM.from_pretrained(path, adata)
+
+
+def test_config_defaults(fx):
     raw, genes = scfm.io.read_cellplm_config(fx / "checkpoint" / f"{VAE}.config.json")
     config = scfm.module.CellPLMConfig.from_dict(raw)
     assert config.enc_head == 8 and config.pe_type == "sin" and config.out_dim == len(genes) == 300
     assert "epochs" in config.extra
-    raw["enc_mod"] = "performer"
-    with pytest.raises(ValueError, match="performer"):
-        scfm.module.CellPLMConfig.from_dict(raw)
-    (tmp_path / "x.config.json").write_text(json.dumps({"enc_hid": 8}))
-    with pytest.raises(scfm.errors.CheckpointFormatError, match="gene_list"):
-        scfm.io.read_cellplm_config(tmp_path / "x.config.json")
+    release = scfm.io.read_cellplm_release(fx / "checkpoint")
+    assert release.files["weights"].name == f"{VAE}.best.ckpt"  # the newest release
+    assert list(release.vocabulary) == genes
 
 
-def test_save_load_roundtrip(models, tmp_path):
+def test_save_load_roundtrip(models, fx, tmp_path):
     adata, m = models
+    other = _adata(fx)[:, ::-1].copy()  # another AnnData: other gene order
+    scfm.model.CellPLM.setup_anndata(other)
     for prefix, model in m.items():
-        z = model.get_latent_representation(progress_bar=False)
+        z = _z(model, seed=2)
         model.save(tmp_path / prefix, overwrite=True)
         loaded = scfm.model.CellPLM.load(tmp_path / prefix, adata=adata)
-        np.testing.assert_array_equal(loaded.get_latent_representation(progress_bar=False), z)
-        assert loaded.config.latent_mod == model.config.latent_mod
+        np.testing.assert_array_equal(_z(loaded, seed=2), z)
+        assert loaded.config == model.config
+        again = scfm.model.CellPLM.load(tmp_path / prefix, adata=other)
+        _close(_z(again, other, seed=2), z, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- setup_anndata
@@ -392,10 +495,7 @@ def test_setup_errors(fx, expected):
     scfm.model.CellPLM.setup_anndata(plain)
     model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", plain, prefix=VAE)
     assert model.setup_args["batch_key"] is None and model.setup_args["spatial_key"] is None
-    assert (
-        model.get_latent_representation(progress_bar=False).shape
-        == expected["cell_embeddings"].shape
-    )
+    assert _z(model).shape == expected["cell_embeddings"].shape
     assert set(adata.obs.columns) == {"batch", "cell_type"}  # the user's AnnData is untouched
 
 
@@ -404,4 +504,4 @@ def test_gene_id_key_with_symbols(fx, expected):
     adata.var_names = [f"gene{i}" for i in range(adata.n_vars)]
     scfm.model.CellPLM.setup_anndata(adata, gene_id_key="ensembl_id")
     model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", adata, prefix=VAE)
-    _close(model.get_latent_representation(progress_bar=False), expected["cell_embeddings"])
+    _close(_z(model), expected["cell_embeddings"])

@@ -1,24 +1,24 @@
-"""Geneformer parity with the reference fixture and the release variants built from it."""
+"""Geneformer parity with the reference fixture, any-AnnData queries and per-cell independence."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import logging
+import pickle
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
 
 import scfm
 from conftest import fixture_dir
-from scfm.errors import CheckpointKeyError, CheckpointNotFoundError, InvalidInputError
+from scfm.errors import GeneVocabularyError, InvalidInputError
 from scfm.model import Geneformer
 
 ATOL = 1e-4
-
+TINY = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,9 +29,9 @@ def fx():
     return path, np.load(path / "expected.npz")
 
 
-def _adata(path) -> ad.AnnData:
+def _adata(path, **setup) -> ad.AnnData:
     adata = ad.read_h5ad(path / "input.h5ad")
-    Geneformer.setup_anndata(adata)
+    Geneformer.setup_anndata(adata, **setup)
     return adata
 
 
@@ -65,7 +65,7 @@ def test_tokenizer_function_matches_fixture(fx):
     np.testing.assert_array_equal(ids.numpy(), expected[:, : ids.shape[1]])
 
 
-def test_tokenizer_truncation_and_v1_layout():
+def test_tokenizer_truncation_and_token_space():
     counts = torch.tensor([[5.0, 0.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     tokens = torch.tensor([10, 11, 12, -1])
     medians = torch.tensor([1.0, 1.0, 0.5, 1.0])
@@ -78,6 +78,11 @@ def test_tokenizer_truncation_and_v1_layout():
     )
     assert ids.tolist() == [[2, 10, 3], [2, 3, 0], [2, 12, 3]]
     assert lengths.tolist() == [3, 2, 3]
+    # token space: column j is token j; a column without median (special token) never counts
+    x = torch.tensor([[9.0, 5.0, 0.0, 1.0, 3.0]])
+    med = torch.tensor([0.0, 1.0, 1.0, 0.5, 1.0])
+    ids, lengths = scfm.data.rank_value_encode(x, None, med, max_length=8)
+    assert ids.tolist() == [[1, 4, 3]] and lengths.tolist() == [3]
 
 
 def test_model_tokens_match_fixture(loaded, fx):
@@ -86,7 +91,9 @@ def test_model_tokens_match_fixture(loaded, fx):
     ids, lengths = model.get_tokens()
     np.testing.assert_array_equal(lengths, exp["lengths"])
     np.testing.assert_array_equal(ids, exp["input_ids"][:, : ids.shape[1]])
-    assert model.variant == "V2"
+    assert model.config.variant == "V2"
+    assert model.vocabulary[:4].tolist() == ["<pad>", "<mask>", "<cls>", "<eos>"]
+    assert len(model.vocabulary) == 244 == model.module.n_tokens
 
 
 # ---------------------------------------------------------------- embeddings / logits
@@ -94,16 +101,16 @@ def test_model_tokens_match_fixture(loaded, fx):
 EMBEDDINGS = [
     ("cell_embeddings", {}),
     ("cell_embeddings_meanpool", {"pooling": "mean"}),
-    ("cell_embeddings_cls_lastlayer", {"layer": -1}),
-    ("cell_embeddings_meanpool_lastlayer", {"pooling": "mean", "layer": -1}),
+    ("cell_embeddings_cls_lastlayer", {"hidden_layer": -1}),
+    ("cell_embeddings_meanpool_lastlayer", {"pooling": "mean", "hidden_layer": -1}),
 ]
 
 
-@pytest.mark.parametrize(("key", "kwargs"), EMBEDDINGS)
-def test_cell_embeddings_match_fixture(loaded, fx, key, kwargs):
+@pytest.mark.parametrize(("key", "options"), EMBEDDINGS)
+def test_cell_embeddings_match_fixture(loaded, fx, key, options):
     model, _ = loaded
     _, exp = fx
-    z = model.get_latent_representation(progress_bar=False, **kwargs)
+    z = model.get_latent_representation(progress_bar=False, **options)
     assert exp["cell_index"].tolist() == list(range(len(z)))
     np.testing.assert_allclose(z, exp[key], atol=ATOL, rtol=0)
 
@@ -111,8 +118,7 @@ def test_cell_embeddings_match_fixture(loaded, fx, key, kwargs):
 def test_rows_follow_indices_and_batch_size(loaded, fx):
     model, _ = loaded
     _, exp = fx
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(64)[:40]
+    idx = np.random.default_rng(0).permutation(64)[:40]
     z = model.get_latent_representation(indices=idx, batch_size=7, progress_bar=False)
     np.testing.assert_allclose(z, exp["cell_embeddings"][idx], atol=ATOL, rtol=0)
 
@@ -150,178 +156,259 @@ def test_embed_writes_obsm(loaded, fx):
     assert adata.uns["scfm"]["obsm"]["X_gf"]["model"] == "Geneformer"
 
 
-def test_invalid_layer_and_pooling(loaded):
+def test_invalid_options(loaded):
     model, _ = loaded
-    with pytest.raises(InvalidInputError, match="layer=7"):
-        model.get_latent_representation(layer=7, progress_bar=False)
+    with pytest.raises(InvalidInputError, match="hidden_layer=7"):
+        model.get_latent_representation(hidden_layer=7, progress_bar=False)
     with pytest.raises(InvalidInputError, match="pooling"):
         model.get_latent_representation(pooling="max", progress_bar=False)
+    with pytest.raises(InvalidInputError, match="layer"):
+        model.get_latent_representation(layer=-1, progress_bar=False)  # AnnData layer only
+    with pytest.raises(InvalidInputError, match="pooling"):
+        model.get_gene_embeddings(pooling="mean", progress_bar=False)
+    with pytest.raises(InvalidInputError, match="decoder"):
+        model.get_normalized_expression(progress_bar=False)
 
 
-# ---------------------------------------------------------------- release variants
-
-
-def _copy_checkpoint(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-def test_pytorch_bin_with_position_ids_and_tied_decoder(fx, tmp_path):
-    path, exp = fx
-    ckpt = _copy_checkpoint(path / "checkpoint", tmp_path / "v")
-    state = load_file(ckpt / "model.safetensors")
-    state["bert.embeddings.position_ids"] = torch.arange(4096)[None]
-    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
-    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
-    torch.save(state, ckpt / "pytorch_model.bin")
-    (ckpt / "model.safetensors").unlink()
-    adata = _adata(path)
-    model = Geneformer.from_pretrained(ckpt, adata)
-    z = model.get_latent_representation(progress_bar=False)
-    np.testing.assert_allclose(z, exp["cell_embeddings"], atol=ATOL, rtol=0)
-
-
-def test_strict_loading_lists_every_bad_key(fx, tmp_path):
-    path, _ = fx
-    ckpt = _copy_checkpoint(path / "checkpoint", tmp_path / "bad")
-    state = load_file(ckpt / "model.safetensors")
-    del state["bert.encoder.layer.1.output.dense.bias"]
-    state["bert.encoder.layer.9.extra.weight"] = torch.zeros(2)
-    state["cls.predictions.bias"] = torch.zeros(7)
-    save_file(state, ckpt / "model.safetensors")
-    with pytest.raises(CheckpointKeyError) as err:
-        Geneformer.from_pretrained(ckpt, _adata(path))
-    msg = str(err.value)
-    assert "bert.encoder.layer.1.output.dense.bias" in msg
-    assert "bert.encoder.layer.9.extra.weight" in msg
-    assert "cls.predictions.bias" in msg
-
-
-def test_missing_medians_for_v2_is_explained(fx, tmp_path):
-    path, _ = fx
-    ckpt = _copy_checkpoint(path / "checkpoint", tmp_path / "nomed")
-    (ckpt / "gene_median_dictionary_gc104M.pkl").unlink()
-    with pytest.raises(CheckpointNotFoundError, match="gene_median_file"):
-        Geneformer.from_pretrained(ckpt, _adata(path))
-    # passing the file explicitly works
-    model = Geneformer.from_pretrained(
-        ckpt,
-        _adata(path),
-        gene_median_file=path / "checkpoint" / "gene_median_dictionary_gc104M.pkl",
-    )
-    assert model.variant == "V2"
-
-
-def test_sequence_classification_directory(fx, tmp_path):
-    path, _ = fx
-    ckpt = _copy_checkpoint(path / "checkpoint", tmp_path / "clf")
-    state = {
-        k: v for k, v in load_file(ckpt / "model.safetensors").items() if k.startswith("bert.")
-    }
-    gen = torch.Generator().manual_seed(0)
-    state["bert.pooler.dense.weight"] = torch.randn(64, 64, generator=gen) * 0.2
-    state["bert.pooler.dense.bias"] = torch.randn(64, generator=gen) * 0.1
-    state["classifier.weight"] = torch.randn(3, 64, generator=gen)
-    state["classifier.bias"] = torch.randn(3, generator=gen)
-    save_file(state, ckpt / "model.safetensors")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["architectures"] = ["BertForSequenceClassification"]
-    config["id2label"] = {"0": "B cell", "1": "T cell", "2": "monocyte"}
-    (ckpt / "config.json").write_text(json.dumps(config))
-    adata = _adata(path)
-    model = Geneformer.from_pretrained(ckpt, adata)
-    probs = model.predict(adata, key_added="pred", progress_bar=False)
-    # reference: tanh(dense(first token of the last layer)) -> classifier
-    h = model.get_latent_representation(pooling="cls", layer=-1, progress_bar=False)
-    pooled = np.tanh(
-        h @ state["bert.pooler.dense.weight"].numpy().T + state["bert.pooler.dense.bias"].numpy()
-    )
-    logits = pooled @ state["classifier.weight"].numpy().T + state["classifier.bias"].numpy()
-    expected = np.exp(logits - logits.max(1, keepdims=True))
-    expected /= expected.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs.to_numpy(), expected, atol=ATOL, rtol=0)
-    assert list(adata.obs["pred"].cat.categories) == ["B cell", "T cell", "monocyte"]
-    np.testing.assert_array_equal(
-        adata.obs["pred"].astype(str).to_numpy(), np.array(probs.columns)[expected.argmax(1)]
-    )
-    np.testing.assert_allclose(adata.obs["pred_probability"], expected.max(1), atol=ATOL)
-
-
-def test_save_load_roundtrip(loaded, fx, tmp_path):
+def test_module_inference_api(loaded, fx):
+    """The documented module API (used by in-silico perturbation): counts or token ids."""
     model, adata = loaded
     _, exp = fx
-    model.save(tmp_path / "saved", overwrite=True)
-    again = Geneformer.load(tmp_path / "saved", adata=adata)
-    z = again.get_latent_representation(progress_bar=False)
-    np.testing.assert_allclose(z, exp["cell_embeddings"], atol=ATOL, rtol=0)
-    assert again.variant == "V2"
+    module = model.module
+    x = np.zeros((3, module.n_tokens), dtype=np.float32)
+    alignment = model.gene_alignment
+    counts = adata.X[:3].toarray()[:, alignment.var_index]
+    np.add.at(x, (slice(None), alignment.vocab_index), counts)
+    with torch.inference_mode():
+        ids, lengths = module.tokenize(torch.from_numpy(x))
+        from_counts = module.inference(torch.from_numpy(x), hidden_layer=-2, pooling="cls")
+        from_ids = module.inference(input_ids=ids, lengths=lengths, hidden_layer=-2, pooling="cls")
+    n = exp["lengths"][0]
+    np.testing.assert_array_equal(ids[0, :n].numpy(), exp["input_ids"][0, :n])
+    np.testing.assert_allclose(from_ids.cell_embedding, exp["cell_embeddings"][:3], atol=ATOL)
+    torch.testing.assert_close(from_counts.cell_embedding, from_ids.cell_embedding)
+    assert from_ids.token_states.shape == (*ids.shape, 64)
+    real = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    assert (from_ids.token_genes[~real] == -1).all()
+    assert (from_ids.token_genes[real] == ids[real]).all()
+    assert "mlm_labels" not in from_ids.extra  # eval mode: never masked
+    gen = torch.Generator().manual_seed(0)
+    masked = module.inference(input_ids=ids, lengths=lengths, mask=True, generator=gen)
+    assert (masked.extra["mlm_labels"] != -100).any()
 
 
-def test_minibatches_group_cells_by_length(loaded):
-    model, adata = loaded
-    lengths = model.get_tokens()[1]
-    groups = model._minibatch_indices(adata, np.arange(adata.n_obs), 16)
-    assert sorted(np.concatenate(groups).tolist()) == list(range(adata.n_obs))
-    spans = [lengths[g].max() - lengths[g].min() for g in groups]
-    consecutive = [lengths[i : i + 16].max() - lengths[i : i + 16].min() for i in range(0, 64, 16)]
-    assert sum(spans) < sum(consecutive)
+def test_mixed_precision_inference(loaded, fx):
+    model, _ = loaded
+    _, exp = fx
+    with model.inference_precision("bf16"):
+        z = model.get_latent_representation(progress_bar=False)
+    np.testing.assert_allclose(z, exp["cell_embeddings"], atol=0.15, rtol=0)
 
 
-def test_symbols_are_mapped_with_name_dictionary(fx):
-    path, _exp = fx
-    adata = ad.read_h5ad(path / "input.h5ad")
-    adata.var_names = adata.var["gene_symbols"].astype(str).to_numpy()
-    adata.var_names_make_unique()
+# ---------------------------------------------------------------- any AnnData
+
+
+def test_query_with_other_genes_matches_shared_genes(loaded, fx):
+    """Missing genes, extra genes and another order: same embedding as the shared genes."""
+    model, original = loaded
+    rng = np.random.default_rng(1)
+    keep = np.sort(rng.choice(original.n_vars, 180, replace=False))
+    part = original[:, keep].to_memory()
+    extra = ad.AnnData(
+        sp.csr_matrix(rng.poisson(2.0, (original.n_obs, 15)).astype(np.float32)),
+        obs=original.obs[[]].copy(),
+        var=pd.DataFrame(index=[f"ENSG99{i:09d}" for i in range(15)]),
+    )
+    query = ad.concat([part, extra], axis=1, merge="first")
+    query = query[:, rng.permutation(query.n_vars)].copy()
+    query.obs = original.obs.copy()
+    Geneformer.setup_anndata(query)
+    shared = original[:, keep].copy()
+    Geneformer.setup_anndata(shared)
+    for options in ({}, {"pooling": "mean", "hidden_layer": -1}):
+        z_query = model.get_latent_representation(query, progress_bar=False, **options)
+        z_shared = model.get_latent_representation(shared, progress_bar=False, **options)
+        np.testing.assert_allclose(z_query, z_shared, atol=1e-5, rtol=0)
+    genes_q = model.get_gene_embeddings(query, progress_bar=False)
+    genes_s = model.get_gene_embeddings(shared, progress_bar=False)
+    pd.testing.assert_frame_equal(genes_q, genes_s, atol=1e-5, check_exact=False)
+    np.testing.assert_array_equal(model.get_tokens(query)[0], model.get_tokens(shared)[0])
+
+
+def test_mostly_ensembl_with_symbols_keeps_ensembl_ids(loaded, fx):
+    """26 of 234 ids replaced by symbols: the Ensembl ids stay, the symbols map back."""
+    model, _ = loaded
+    _, exp = fx
+    adata = ad.read_h5ad(fx[0] / "input.h5ad")
+    names = adata.var_names.to_numpy().astype(object)
+    names[::9] = adata.var["gene_symbols"].astype(str).to_numpy()[::9]
+    adata.var_names = pd.Index(names).astype(str)
     Geneformer.setup_anndata(adata)
-    model = Geneformer.from_pretrained(path / "checkpoint", adata)
-    assert model.gene_alignment.n_matched >= 200
-    assert isinstance(model.get_latent_representation(progress_bar=False), np.ndarray)
+    alignment = model._align_genes(model._validate_anndata(adata))
+    own = model.gene_alignment
+    assert alignment.n_matched == own.n_matched == 222  # 40 before: symbols dropped Ensembl ids
+    np.testing.assert_array_equal(alignment.var_index, own.var_index)
+    np.testing.assert_array_equal(alignment.vocab_index, own.vocab_index)
+    z = model.get_latent_representation(adata, progress_bar=False)
+    np.testing.assert_allclose(z, exp["cell_embeddings"], atol=ATOL, rtol=0)
+
+
+def test_case_and_version_suffixes_match(loaded, fx):
+    model, _ = loaded
+    _, exp = fx
+    adata = ad.read_h5ad(fx[0] / "input.h5ad")
+    names = [f"{g.lower()}.{i % 7 + 1}" if i % 2 else g for i, g in enumerate(adata.var_names)]
+    adata.var_names = names
+    Geneformer.setup_anndata(adata)
+    assert model._align_genes(model._validate_anndata(adata)).n_matched == 222
+    z = model.get_latent_representation(adata, progress_bar=False)
+    np.testing.assert_allclose(z, exp["cell_embeddings"], atol=ATOL, rtol=0)
+
+
+def test_duplicate_ids_warning_says_summed(loaded, fx, caplog):
+    model, _ = loaded
+    adata = ad.read_h5ad(fx[0] / "input.h5ad")
+    Geneformer.setup_anndata(adata)
+    with caplog.at_level(logging.WARNING, logger="scfm.model._geneformer"):
+        model._align_genes(model._validate_anndata(adata))
+    text = caplog.text
+    assert "summed" in text and "first occurrence" not in text
+    assert "ENSG90000000000" in text
+
+
+def test_gene_id_error_shows_real_examples(loaded):
+    model, _ = loaded
+    adata = ad.AnnData(
+        sp.csr_matrix(np.ones((4, 3), dtype=np.float32)),
+        var=pd.DataFrame(index=["zz_unknown_1", "zz_unknown_2", "zz_unknown_3"]),
+    )
+    Geneformer.setup_anndata(adata)
+    with pytest.raises(GeneVocabularyError, match="zz_unknown_1") as err:
+        model.get_latent_representation(adata, progress_bar=False)
+    assert "''" not in str(err.value)
+
+
+# ---------------------------------------------------------------- per-cell independence
+
+
+def _deep_cells(var_names, n_cells, depth, rng):
+    """Counts where cells express ``depth`` distinct genes with distinct values."""
+    x = np.zeros((n_cells, len(var_names)), dtype=np.float32)
+    for i in range(n_cells):
+        d = depth[i]
+        cols = rng.choice(len(var_names), d, replace=False)
+        x[i, cols] = rng.permutation(np.arange(1, d + 1)) + 0.0
+    adata = ad.AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=var_names))
+    adata.obs_names = [f"c{i}" for i in range(n_cells)]
+    Geneformer.setup_anndata(adata)
+    return adata
+
+
+def test_cells_deeper_than_input_size_are_independent_of_batch():
+    """V1 vocabulary (25k genes), cells with up to 2,500 expressed genes vs a 2,048 input."""
+    dicts = scfm.data.load_geneformer_dictionaries(version="V1")
+    genes = [g for g in dicts.token_dictionary if not g.startswith("<")][:4000]
+    rng = np.random.default_rng(3)
+    adata = _deep_cells(genes, 6, [2500, 40, 2100, 3, 2048, 1800], rng)
+    gen = torch.Generator().manual_seed(0)
+    model = Geneformer(
+        adata,
+        {
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 8,
+        },
+    )
+    with torch.no_grad():
+        for p in model.module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    ids, lengths = model.get_tokens(batch_size=6)
+    assert lengths.tolist() == [2048, 40, 2048, 3, 2048, 1800]
+    # reference: per cell, the top 2048 genes by count / total * 1e4 / median
+    medians = np.array([dicts.gene_median_dictionary[g] for g in genes])
+    x = adata.X.toarray()
+    for i in (0, 2):
+        norm = x[i] / x[i].sum() * 1e4 / medians
+        nz = np.flatnonzero(x[i])
+        top = nz[np.argsort(-norm[nz], kind="stable")][:2048]
+        np.testing.assert_array_equal(ids[i], [dicts.token_dictionary[genes[j]] for j in top])
+    alone = np.concatenate(
+        [model.get_latent_representation(indices=[i], progress_bar=False) for i in range(6)]
+    )
+    for batch_size in (2, 6):
+        together = model.get_latent_representation(batch_size=batch_size, progress_bar=False)
+        np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+    order = [4, 1, 0, 5]
+    shuffled = model.get_latent_representation(indices=order, batch_size=3, progress_bar=False)
+    np.testing.assert_allclose(shuffled, alone[order], atol=1e-5, rtol=0)
+
+
+def test_v2_truncation_keeps_cls_and_eos_per_cell(fx):
+    """A small input size forces V2 truncation: <cls> + top genes + <eos>, per cell."""
+    path, _ = fx
+    dicts = scfm.data.load_geneformer_dictionaries(path / "checkpoint")
+    genes = [g for g in dicts.token_dictionary if not g.startswith("<")]
+    adata = _deep_cells(genes, 5, [200, 10, 150, 31, 240], np.random.default_rng(4))
+    config = {**TINY, "variant": "V2", "input_size": 32, "max_position_embeddings": 64}
+    model = Geneformer(adata, config, dicts)
+    ids, lengths = model.get_tokens(batch_size=2)
+    assert lengths.tolist() == [32, 12, 32, 32, 32]
+    assert (ids[:, 0] == 2).all() and (ids[np.arange(5), lengths - 1] == 3).all()
+    alone = np.concatenate(
+        [model.get_latent_representation(indices=[i], progress_bar=False) for i in range(5)]
+    )
+    together = model.get_latent_representation(batch_size=5, progress_bar=False)
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- vocabulary and defaults
 
 
 def test_default_v1_dictionaries_ship(fx):
     path, _ = fx
-    adata = ad.read_h5ad(path / "input.h5ad")
-    Geneformer.setup_anndata(adata)
+    adata = _adata(path)
     model = Geneformer(
-        adata, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        adata,
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 8,
+        },
     )
-    assert model.module.config.vocab_size == 25426
-    assert model.variant == "V1"
+    assert model.module.config.vocab_size == 25426 == len(model.vocabulary)
+    assert model.config.variant == "V1" and model.config.input_size == 2048
     ids, _lengths = model.get_tokens()
     assert (ids[:, 0] >= 2).all()  # no <cls>: the first token is a gene
-    z = model.get_latent_representation(progress_bar=False)
+    z = model.get_latent_representation(progress_bar=False)  # V1 default: mean, layer -2
     assert z.shape == (64, 32) and np.isfinite(z).all()
-    assert isinstance(pd.Index(model._vocab_names()), pd.Index)
 
 
-def test_other_gene_order_is_refused(loaded, fx):
-    model, _ = loaded
+def test_v2_without_medians_is_explained(fx):
     path, _ = fx
-    other = ad.read_h5ad(path / "input.h5ad")[:, ::-1].copy()
-    Geneformer.setup_anndata(other)
-    with pytest.raises(InvalidInputError, match="var_names"):
-        model.get_latent_representation(other, progress_bar=False)
+    with pytest.raises(InvalidInputError, match="V2 dictionaries"):
+        Geneformer(_adata(path), {"variant": "V2"})
 
 
-def test_encoder_inference_chunking_matches_full_batch():
-    from scfm.nn._bert import FFN_CHUNK_TOKENS
+def test_corrupt_dictionaries_are_refused(fx, tmp_path):
+    from scfm.errors import CheckpointFormatError
 
-    config = scfm.nn.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    bert = scfm.nn.BertModel(config).eval()
-    lengths = torch.tensor([4000, 3500, 10, 2999])
-    assert int(lengths.sum()) > FFN_CHUNK_TOKENS
-    ids = torch.randint(2, 50, (4, 4000))
-    mask = scfm.nn.make_key_padding_mask(lengths)
-    with torch.inference_mode():
-        chunked = bert(ids, mask).last_hidden_state
-    with torch.enable_grad():
-        full = bert(ids, mask).last_hidden_state.detach()
-    np.testing.assert_allclose(chunked[mask].numpy(), full[mask].numpy(), atol=1e-5, rtol=0)
+    path, _ = fx
+    with open(path / "checkpoint" / "gene_median_dictionary_gc104M.pkl", "rb") as fh:
+        medians = pickle.load(fh)
+    with open(path / "checkpoint" / "token_dictionary_gc104M.pkl", "rb") as fh:
+        tokens = pickle.load(fh)
+    gene = next(iter(medians))
+    for bad in (0.0, -1.0, float("nan")):
+        (tmp_path / "m.pkl").write_bytes(pickle.dumps({**medians, gene: bad}))
+        with pytest.raises(CheckpointFormatError, match=gene):
+            scfm.data.load_geneformer_dictionaries(
+                path / "checkpoint", gene_median_file=tmp_path / "m.pkl"
+            )
+    two = list(tokens)[5:7]
+    (tmp_path / "t.pkl").write_bytes(pickle.dumps({**tokens, two[1]: tokens[two[0]]}))
+    with pytest.raises(CheckpointFormatError, match="token id"):
+        scfm.data.load_geneformer_dictionaries(
+            path / "checkpoint", token_dictionary_file=tmp_path / "t.pkl"
+        )

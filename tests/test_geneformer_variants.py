@@ -15,11 +15,12 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import scfm
 from conftest import fixture_dir
-from scfm.errors import CheckpointKeyError
+from scfm.data._geneformer_tokenizer import bionemo_tokens
+from scfm.errors import CheckpointFormatError, CheckpointKeyError, CheckpointNotFoundError
 from scfm.model import Geneformer
 
 ATOL = 1e-4
@@ -158,7 +159,7 @@ def test_v1_layout_tokens_and_embeddings(v1_dir):
     adata = ad.read_h5ad(fx / "input.h5ad")
     Geneformer.setup_anndata(adata)
     model = Geneformer.from_pretrained(path, adata)
-    assert model.variant == "V1" and model.module.input_size == 2048
+    assert model.config.variant == "V1" and model.config.input_size == 2048
     with open(path / "gene_median_dictionary_gc30M.pkl", "rb") as fh:
         medians = pickle.load(fh)
     ref_tokens = _reference_tokens(adata, tokens, medians, 2048)
@@ -166,7 +167,7 @@ def test_v1_layout_tokens_and_embeddings(v1_dir):
     for i, ref in enumerate(ref_tokens):
         np.testing.assert_array_equal(ids[i, : lengths[i]], ref)
     z = model.get_latent_representation(progress_bar=False)  # V1 default: mean, layer -2
-    z_last = model.get_latent_representation(layer=-1, progress_bar=False)
+    z_last = model.get_latent_representation(hidden_layer=-1, progress_bar=False)
     for i in (0, 7, 33):
         states = _reference_hidden_states(state, ref_tokens[i], 3, 4)
         np.testing.assert_allclose(z[i], states[2].mean(0), atol=ATOL, rtol=0)
@@ -212,29 +213,21 @@ def bionemo(tmp_path_factory):
     fx = fixture_dir("geneformer")
     adata = ad.read_h5ad(fx / "input.h5ad")
     Geneformer.setup_anndata(adata)
-    model = Geneformer(
-        adata,
-        variant="bionemo",
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        hidden_act="gelu",
-        vocab_size=25472,
-    )
+    config = {"variant": "bionemo", "hidden_size": 16, "num_hidden_layers": 2}
+    config.update(num_attention_heads=2, intermediate_size=32, hidden_act="gelu", vocab_size=25472)
+    model = Geneformer(adata, config)
     gen = torch.Generator().manual_seed(3)
     sd = {
         k: v + 0.3 * torch.randn(v.shape, generator=gen)
         for k, v in model.module.state_dict().items()
+        if k != "token_medians"
     }
     return adata, sd, _to_nemo2(sd, heads=2)
 
 
 def _bionemo_expected(adata, sd, idx):
     dicts = scfm.data.load_geneformer_dictionaries(version="V1")
-    from scfm.model._geneformer import bionemo_token_dictionary
-
-    tokens = bionemo_token_dictionary(dicts.token_dictionary)
+    tokens = bionemo_tokens(dicts.token_dictionary)
     ref = _reference_tokens(adata, tokens, dicts.gene_median_dictionary, 2047)
     out = []
     for i in idx:
@@ -249,7 +242,7 @@ def test_bionemo_nemo2_torch_file(bionemo, tmp_path):
     path = tmp_path / "geneformer_10M_240530.pt"
     torch.save({f"module.{k}": v for k, v in nemo2.items()}, path)
     model = Geneformer.from_pretrained(path, adata, num_attention_heads=2)
-    assert model.variant == "bionemo" and model.module.config.pre_layer_norm
+    assert model.config.variant == "bionemo" and model.module.bert_config.pre_layer_norm
     z = model.get_latent_representation(progress_bar=False)
     idx = [0, 5, 40]
     np.testing.assert_allclose(z[idx], _bionemo_expected(adata, sd, idx), atol=ATOL, rtol=0)
@@ -313,3 +306,182 @@ def test_bionemo_strict_keys(bionemo, tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(CheckpointKeyError, match=r"layer\.1\.output\.dense\.bias"):
         Geneformer.from_pretrained(tmp_path / "bad.pt", adata, num_attention_heads=2)
+
+
+# ---------------------------------------------------------------- HF release files
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return np.load(fixture_dir("geneformer") / "expected.npz")
+
+
+def _copy_checkpoint(dst):
+    shutil.copytree(fixture_dir("geneformer") / "checkpoint", dst)
+    return dst
+
+
+def _adata(**setup):
+    adata = ad.read_h5ad(fixture_dir("geneformer") / "input.h5ad")
+    Geneformer.setup_anndata(adata, **setup)
+    return adata
+
+
+def test_pytorch_bin_with_position_ids_and_tied_decoder(exp, tmp_path):
+    ckpt = _copy_checkpoint(tmp_path / "v")
+    state = load_file(ckpt / "model.safetensors")
+    state["bert.embeddings.position_ids"] = torch.arange(4096)[None]
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    torch.save(state, ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    model = Geneformer.from_pretrained(ckpt, _adata())
+    z = model.get_latent_representation(progress_bar=False)
+    np.testing.assert_allclose(z, exp["cell_embeddings"], atol=ATOL, rtol=0)
+
+
+def test_strict_loading_lists_every_bad_key(tmp_path):
+    ckpt = _copy_checkpoint(tmp_path / "bad")
+    state = load_file(ckpt / "model.safetensors")
+    del state["bert.encoder.layer.1.output.dense.bias"]
+    state["bert.encoder.layer.9.extra.weight"] = torch.zeros(2)
+    state["cls.predictions.bias"] = torch.zeros(7)
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointKeyError) as err:
+        Geneformer.from_pretrained(ckpt, _adata())
+    msg = str(err.value)
+    assert "bert.encoder.layer.1.output.dense.bias" in msg
+    assert "bert.encoder.layer.9.extra.weight" in msg
+    assert "cls.predictions.bias" in msg
+
+
+def test_nan_weights_are_refused(tmp_path):
+    ckpt = _copy_checkpoint(tmp_path / "nan")
+    state = load_file(ckpt / "model.safetensors")
+    state["bert.encoder.layer.2.attention.self.key.weight"][0, 0] = float("nan")
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match=r"layer\.2\.attention\.self\.key\.weight"):
+        Geneformer.from_pretrained(ckpt, _adata())
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        ({"num_hidden_layers": 1_000_000}, "num_hidden_layers"),
+        ({"num_hidden_layers": 1e6}, "num_hidden_layers"),
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"intermediate_size": -128}, "intermediate_size"),
+        ({"num_attention_heads": 5}, "num_attention_heads"),
+        ({"hidden_act": "swishy"}, "hidden_act"),
+        ({"layer_norm_eps": None}, "layer_norm_eps"),
+        ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+        ({"vocab_size": None}, "vocab_size"),
+        ({"num_hidden_layers": 2}, "num_hidden_layers"),  # the weights hold 3 layers
+        ({"intermediate_size": 256}, "intermediate_size"),
+        ({"max_position_embeddings": 2048}, "max_position_embeddings"),
+    ],
+)
+def test_bad_config_fails_fast_naming_the_key(tmp_path, edit, key):
+    import time
+
+    ckpt = _copy_checkpoint(tmp_path / "cfg")
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(edit)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    adata = _adata()
+    start = time.perf_counter()
+    with pytest.raises(CheckpointFormatError, match=key):
+        Geneformer.from_pretrained(ckpt, adata)
+    assert time.perf_counter() - start < 1.0
+    assert "scfm" not in adata.uns  # nothing left behind
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\udcff"])
+def test_malformed_config_json(tmp_path, text):
+    ckpt = _copy_checkpoint(tmp_path / "json")
+    (ckpt / "config.json").write_text(text, errors="surrogateescape")
+    with pytest.raises(CheckpointFormatError, match=r"config\.json"):
+        Geneformer.from_pretrained(ckpt, _adata())
+
+
+def test_missing_config_key_is_named(tmp_path):
+    ckpt = _copy_checkpoint(tmp_path / "nokey")
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["num_attention_heads"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match="num_attention_heads"):
+        Geneformer.from_pretrained(ckpt, _adata())
+
+
+def test_missing_medians_for_v2_is_explained(tmp_path):
+    ckpt = _copy_checkpoint(tmp_path / "nomed")
+    (ckpt / "gene_median_dictionary_gc104M.pkl").unlink()
+    with pytest.raises(CheckpointNotFoundError, match="gene_median_file"):
+        Geneformer.from_pretrained(ckpt, _adata())
+    model = Geneformer.from_pretrained(
+        ckpt,
+        _adata(),
+        gene_median_file=fixture_dir("geneformer")
+        / "checkpoint"
+        / "gene_median_dictionary_gc104M.pkl",
+    )
+    assert model.config.variant == "V2"
+
+
+def test_sequence_classification_directory(tmp_path):
+    ckpt = _copy_checkpoint(tmp_path / "clf")
+    state = {
+        k: v for k, v in load_file(ckpt / "model.safetensors").items() if k.startswith("bert.")
+    }
+    gen = torch.Generator().manual_seed(0)
+    state["bert.pooler.dense.weight"] = torch.randn(64, 64, generator=gen) * 0.2
+    state["bert.pooler.dense.bias"] = torch.randn(64, generator=gen) * 0.1
+    state["classifier.weight"] = torch.randn(3, 64, generator=gen)
+    state["classifier.bias"] = torch.randn(3, generator=gen)
+    save_file(state, ckpt / "model.safetensors")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = ["BertForSequenceClassification"]
+    config["id2label"] = {"0": "B cell", "1": "T cell", "2": "monocyte"}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    adata = _adata()
+    model = Geneformer.from_pretrained(ckpt, adata)
+    assert model.classifier_labels == ["B cell", "T cell", "monocyte"]
+    probs = model.predict(adata, soft=True, key_added="pred", progress_bar=False)
+    # reference: tanh(dense(first token of the last layer)) -> classifier
+    h = model.get_latent_representation(pooling="cls", hidden_layer=-1, progress_bar=False)
+    pooled = np.tanh(
+        h @ state["bert.pooler.dense.weight"].numpy().T + state["bert.pooler.dense.bias"].numpy()
+    )
+    logits = pooled @ state["classifier.weight"].numpy().T + state["classifier.bias"].numpy()
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs.to_numpy(), expected, atol=ATOL, rtol=0)
+    assert list(adata.obs["pred"].cat.categories) == ["B cell", "T cell", "monocyte"]
+    np.testing.assert_array_equal(
+        adata.obs["pred"].astype(str).to_numpy(), np.array(probs.columns)[expected.argmax(1)]
+    )
+    # save / load keeps the head (pooler included) exactly
+    model.save(tmp_path / "saved")
+    again = Geneformer.load(tmp_path / "saved", adata=_adata())
+    np.testing.assert_allclose(again.predict(soft=True, progress_bar=False), probs, atol=1e-6)
+
+
+def test_save_load_roundtrip_and_another_adata(exp, tmp_path):
+    model = Geneformer.from_pretrained(fixture_dir("geneformer") / "checkpoint", _adata())
+    model.save(tmp_path / "saved")
+    query = _adata()[:, ::-1][:20].copy()
+    Geneformer.setup_anndata(query)
+    again = Geneformer.load(tmp_path / "saved", adata=query)
+    assert again.config == model.config and again.vocabulary.equals(model.vocabulary)
+    z = again.get_latent_representation(progress_bar=False)
+    np.testing.assert_allclose(z, exp["cell_embeddings"][:20], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(z, model.get_latent_representation(query, progress_bar=False))
+
+
+def test_bionemo_config_errors(bionemo, tmp_path):
+    adata, _, nemo2 = bionemo
+    torch.save(nemo2, tmp_path / "b.pt")
+    with pytest.raises(CheckpointFormatError, match="num_attention_heads"):
+        Geneformer.from_pretrained(tmp_path / "b.pt", adata, num_attention_heads=3)
+    with pytest.raises(CheckpointFormatError, match="hidden_act"):
+        Geneformer.from_pretrained(tmp_path / "b.pt", adata, num_attention_heads=2, hidden_act="x")

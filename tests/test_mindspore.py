@@ -13,14 +13,7 @@ from scfm.errors import CheckpointFormatError
 from scfm.io import MindSporeCheckpoint, read_mindspore_checkpoint, write_mindspore_checkpoint
 from scfm.io._mindspore import _len_field, _varint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: these tiny models only lose time to thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _md5(path) -> str:

@@ -7,7 +7,6 @@ from ._cellplm_sentences import (
     cellplm_sentence_ids,
     spatial_tiles,
 )
-from ._cellplm_tokenize import cellplm_expression_input
 from ._geneformer_tokenizer import (
     GeneformerDictionaries,
     geneformer_gene_tokens,
@@ -50,7 +49,6 @@ __all__ = [
     "cellfm_mask_tokens",
     "cellfm_normalize",
     "cellfm_tokenize",
-    "cellplm_expression_input",
     "cellplm_gumbel_noise",
     "cellplm_pack_sentences",
     "cellplm_sentence_ids",

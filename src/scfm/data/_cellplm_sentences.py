@@ -1,20 +1,29 @@
-"""CellPLM sentences: which cells attend to each other, and in which order they are fed.
+"""CellPLM per-call plans: which cells attend to each other, in which order, with which noise.
 
 The reference (``CellPLM.pipeline``) label-encodes ``obs["batch"]`` (sorted labels), feeds one
 sentence per label with its cells in AnnData order, and optionally splits a sentence into
 consecutive chunks. scfm adds spatial tiles so that a large section is not one sentence.
-These are pure numpy / torch functions; :class:`scfm.model.CellPLM` calls them.
+These are pure numpy / torch functions; :meth:`scfm.model.CellPLM._cell_plan` builds the
+per-cell arrays of a call with them and the data loader slices them into each minibatch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from scfm.errors import InvalidInputError
+from scfm.data._genes import GeneAlignment
+from scfm.errors import InvalidInputError, SpatialCoordinateError
 
 __all__ = [
+    "GroupRows",
+    "batch_labels",
+    "cellplm_coordinates",
+    "cellplm_gene_rank",
     "cellplm_gumbel_noise",
     "cellplm_pack_sentences",
     "cellplm_sentence_ids",
@@ -39,6 +48,39 @@ def label_codes(labels: pd.Series | np.ndarray) -> np.ndarray:
     )
     values = np.asarray(column if numeric else column.astype(str))
     return np.unique(values, return_inverse=True)[1].reshape(-1)
+
+
+def batch_labels(adata: ad.AnnData, batch_key: str | None) -> np.ndarray:
+    """Each cell's ``batch_key`` label (numbers stay numbers); no column: one group."""
+    if batch_key is None or batch_key not in adata.obs.columns:
+        return np.zeros(adata.n_obs, dtype=np.int64)
+    column = adata.obs[batch_key]
+    numeric = pd.api.types.is_numeric_dtype(column) and not isinstance(
+        column.dtype, pd.CategoricalDtype
+    )
+    return column.to_numpy() if numeric else column.astype(str).to_numpy()
+
+
+def cellplm_coordinates(adata: ad.AnnData, spatial_key: str | None) -> np.ndarray:
+    """``(n_obs, 2)`` float64 coordinates of ``adata.obsm[spatial_key]``.
+
+    Raises
+    ------
+    InvalidInputError
+        If no ``spatial_key`` was set up.
+    SpatialCoordinateError
+        If ``adata`` lacks the coordinates.
+    """
+    if spatial_key is None:
+        raise InvalidInputError(
+            "This needs coordinates: call CellPLM.setup_anndata(adata, spatial_key=...)."
+        )
+    if spatial_key not in adata.obsm:
+        raise SpatialCoordinateError(
+            f"This needs the cells' coordinates, and adata.obsm has no {spatial_key!r} (the "
+            f"spatial_key). Add them as adata.obsm[{spatial_key!r}] (n_cells x 2)."
+        )
+    return np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
 
 
 def spatial_tiles(
@@ -168,3 +210,91 @@ def cellplm_gumbel_noise(
         noise[idx] = gumbel_noise(torch.rand(len(idx), n_clusters, generator=gen))
         torch.randn(len(idx), latent_dim, generator=gen)
     return noise
+
+
+class GroupRows:
+    """Per-cell rows of a small table, looked up lazily: ``rows[i] = table[group[i]]``.
+
+    A plan array for per-cell gene masks (``n_cells x n_vocab``) that costs
+    ``n_groups x n_vocab`` memory: the data loader reads only a minibatch's rows.
+
+    Parameters
+    ----------
+    table
+        ``(n_groups, ...)`` array.
+    group
+        ``(n_cells,)`` row of ``table`` of each cell.
+    """
+
+    def __init__(self, table: np.ndarray, group: np.ndarray) -> None:
+        self.table = np.asarray(table)
+        self.group = np.asarray(group, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        return self.table[self.group[positions]]
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = self.table[self.group]
+        return out if dtype is None else out.astype(dtype)
+
+
+def cellplm_gene_rank(
+    alignment: GeneAlignment,
+    var_names: Sequence[str],
+    vocabulary: Sequence[str],
+    labels: np.ndarray,
+    cells: np.ndarray,
+    measured_genes: Mapping[str, Sequence[str]] | None = None,
+) -> np.ndarray | GroupRows:
+    """Per cell and model gene: 1 + its AnnData column (negative: unmeasured; 0: absent).
+
+    The model's gene space loses the AnnData's column order, yet the reference sums a cell's
+    gene embeddings in that order (and GroupNorm makes the order visible at 1e-4); the rank
+    also tells which genes were measured (positive: rescaling, loss).
+
+    Parameters
+    ----------
+    alignment
+        The gene alignment: AnnData column ``var_index[k]`` feeds model gene ``vocab_index[k]``.
+    var_names, vocabulary
+        The AnnData's gene names and the model's gene ids.
+    labels
+        ``batch_key`` label of every AnnData cell.
+    cells
+        AnnData rows of the call.
+    measured_genes
+        ``{label: genes measured there}`` (AnnData names or vocabulary ids); cells of other
+        labels measured every AnnData gene. ``None``: every cell did.
+
+    Returns
+    -------
+    ``(len(cells), len(vocabulary))`` int32 rows: a read-only broadcast of one row, or a
+    :class:`GroupRows` lookup (one row per label).
+    """
+    var_index, vocab_index = alignment.var_index, alignment.vocab_index
+    n_vars, n_vocab = len(var_names), len(vocabulary)
+    rank = np.full(n_vocab, n_vars + 1, dtype=np.int32)
+    np.minimum.at(rank, np.asarray(vocab_index), np.asarray(var_index, dtype=np.int32) + 1)
+    rank[rank > n_vars] = 0
+    if not measured_genes:
+        return np.broadcast_to(rank, (len(cells), n_vocab))  # one row, no copies
+    labels = np.asarray(labels).astype(str)
+    unknown = sorted(set(map(str, measured_genes)) - set(labels))
+    if unknown:
+        raise InvalidInputError(
+            f"measured_genes has keys that are no batch_key label: {', '.join(unknown[:5])}. "
+            "Its keys are labels of the batch_key column of setup_anndata."
+        )
+    pair_var = np.asarray(var_names, dtype=str)[var_index]
+    pair_vocab = np.asarray(vocabulary, dtype=str)[vocab_index]
+    table, group = [rank], np.zeros(len(cells), dtype=np.int64)
+    for i, (label, genes) in enumerate(measured_genes.items(), start=1):
+        names = np.asarray(list(map(str, genes)))
+        keep = np.zeros(n_vocab, dtype=bool)
+        keep[np.asarray(vocab_index)[np.isin(pair_var, names) | np.isin(pair_vocab, names)]] = True
+        table.append(np.where(keep, rank, -rank))  # unmeasured: negative, order kept
+        group[labels[cells] == str(label)] = i
+    return GroupRows(np.stack(table), group)

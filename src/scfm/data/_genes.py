@@ -289,9 +289,9 @@ def align_genes(
     query = strip_version(ids) if id_type == "ensembl" else ids
     found = _match(query)
     given = detect_id_type(ids)
-    if convert and given != id_type and (found < 0).any():
+    if convert and (found < 0).any():
         # Symbols for an Ensembl vocabulary (or the reverse), or a mix of both: convert the
-        # ids that do not match as given and keep those that do.
+        # ids that do not match as given, id by id, and keep those that do.
         missing = np.flatnonzero(found < 0)
         converted = map_gene_ids(ids[missing], to=id_type)
         alt = _match(pd.Index(converted.fillna("").astype(str)))
@@ -338,7 +338,8 @@ def align_genes(
         raise GeneVocabularyError(
             f"{alignment.n_matched} of {len(ids)} genes in adata.{source} match the "
             f"{model_name} vocabulary ({label} ids expected, e.g. {example}; your ids look "
-            f"like {given} ids, e.g. {', '.join(map(str, ids[:3]))}). Pass "
+            f"like {given} ids, e.g. {', '.join(map(str, ids[:3]))}). Likely causes: another "
+            "species, another id type or another case. Pass "
             f"gene_id_key='<column of adata.var with {label} ids>' to setup_anndata, or map "
             f"{other} with scfm.data.map_gene_ids(adata.var_names, to={id_type!r})."
         )

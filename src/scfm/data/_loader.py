@@ -76,7 +76,7 @@ class GeneSpace:
 
 
 class GroupSampler(Sampler[np.ndarray]):
-    """Yield fixed minibatches (positions into the call's cells), optionally in random order.
+    """Yield minibatches (positions into the call's cells), optionally regrouped per epoch.
 
     Parameters
     ----------
@@ -85,16 +85,29 @@ class GroupSampler(Sampler[np.ndarray]):
     shuffle
         Visit the minibatches in a new random order each epoch (training), drawn from torch's
         default generator, which Lightning's seeding controls.
+    regroup
+        Called at the start of each epoch after the first to form new minibatches (training:
+        new batch-mates every epoch, as HF's ``group_by_length`` does).
     """
 
-    def __init__(self, groups: Sequence[np.ndarray], shuffle: bool = False) -> None:
+    def __init__(
+        self,
+        groups: Sequence[np.ndarray],
+        shuffle: bool = False,
+        regroup: Callable[[], Sequence[np.ndarray]] | None = None,
+    ) -> None:
         self.groups = [np.asarray(g, dtype=np.int64) for g in groups]
         self.shuffle = shuffle
+        self.regroup = regroup
+        self._epochs = 0
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self.regroup is not None and self._epochs > 0:
+            self.groups = [np.asarray(g, dtype=np.int64) for g in self.regroup()]
+        self._epochs += 1
         order = torch.randperm(len(self.groups)).tolist() if self.shuffle else range(len(self))
         for i in order:
             yield self.groups[i]
@@ -158,18 +171,23 @@ class CellDataset(Dataset):
             for key, value in self.fields[rows[order].tolist()].items():
                 out[key] = torch.as_tensor(np.asarray(value)[inverse])
         for key, values in self.plan.items():
-            out[key] = torch.as_tensor(np.asarray(values)[positions])
+            rows = values[positions]  # index first: a plan may be large (cells x genes)
+            out[key] = torch.as_tensor(rows.toarray() if sp.issparse(rows) else np.asarray(rows))
         out[CELL_INDEX_KEY] = torch.from_numpy(positions)
         return out
 
 
 def make_loader(
-    dataset: CellDataset, groups: Sequence[np.ndarray], *, shuffle: bool = False
+    dataset: CellDataset,
+    groups: Sequence[np.ndarray],
+    *,
+    shuffle: bool = False,
+    regroup: Callable[[], Sequence[np.ndarray]] | None = None,
 ) -> DataLoader:
     """The one :class:`~torch.utils.data.DataLoader` of a call (its sampler yields minibatches)."""
     return DataLoader(
         dataset,
-        sampler=GroupSampler(groups, shuffle=shuffle),
+        sampler=GroupSampler(groups, shuffle=shuffle, regroup=regroup),
         batch_size=None,
         collate_fn=_as_is,
     )

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CellOntology",
+    "label_indices",
     "load_cell_ontology",
+    "lookup_cell_type_ids",
     "personalized_pagerank",
     "ppr_to_levels",
     "read_cl_json",
@@ -205,6 +207,24 @@ class CellOntology:
                 if nj >= 0 and (nj == ni or nj in anc[ni]):
                     mask[i, j] = 1
         return mask
+
+    def sccello_buffers(self, clids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The scCello buffers ``(ctgraph_sim, cell_type_ancestor_mask)`` for ``clids``.
+
+        Raises
+        ------
+        OntologyError
+            If some id is not a node of the graph (pretraining labels must all be).
+        """
+        unknown = [c for c in clids if c not in self]
+        if unknown:
+            raise OntologyError(
+                f"{len(unknown)} cell-type ids are not in the cell ontology ({self.source}): "
+                f"{', '.join(unknown[:5])}. Labels must be Cell Ontology ids as in CELLxGENE's "
+                "obs['cell_type_ontology_term_id'] (e.g. CL:0000236): fix or drop those "
+                "cells, or pass ontology=<cl.owl or CL json>."
+            )
+        return self.similarity_levels(clids), self.ancestor_mask(clids)
 
     def ppr_similarity(
         self, clids: Sequence[str] | None = None, *, alpha: float = PPR_ALPHA
@@ -482,3 +502,83 @@ def load_cell_ontology(path: str | os.PathLike | None = None) -> CellOntology:
     if path is not None and not os.path.exists(path):
         raise OntologyError(f"The cell ontology file {os.fspath(path)!r} does not exist.")
     return _cached(None if path is None else os.fspath(path))
+
+
+# ---------------------------------------------------------------------- cell-type lookups
+def _as_clid(value: str) -> str | None:
+    """``value`` as a CL id if it is one (``CL_0000236`` accepted), else ``None``."""
+    key = str(value).strip().replace("_", ":")
+    return key if key.startswith("CL:") else None
+
+
+def lookup_cell_type_ids(
+    names: Iterable[str],
+    ontology: CellOntology,
+    *,
+    taxonomy_names: Mapping[str, str] | None = None,
+    label_names: Mapping[str, str] | None = None,
+) -> list[str]:
+    """CL ids of cell-type names or ids.
+
+    CL ids pass through; names are matched case-insensitively against ``taxonomy_names``
+    (lower-cased name -> CL id, scCello's Cell Taxonomy lookup), then ``label_names``
+    (CL id -> name of the pretraining types), then the ontology's labels.
+
+    Raises
+    ------
+    OntologyError
+        Naming every entry that matches nothing.
+    """
+    taxonomy = {str(k).lower(): str(v) for k, v in (taxonomy_names or {}).items()}
+    by_label = {str(v).lower(): str(k) for k, v in (label_names or {}).items()}
+    out: list[str] = []
+    unknown: list[str] = []
+    for name in names:
+        key = str(name).strip()
+        clid = _as_clid(key) or taxonomy.get(key.lower()) or by_label.get(key.lower())
+        if clid is None:
+            clid = ontology.lookup([key])[0]
+        if clid is None:
+            unknown.append(key)
+        else:
+            out.append(clid)
+    if unknown:
+        raise OntologyError(
+            f"No Cell Ontology id found for {unknown}. Pass CL ids (e.g. 'CL:0000236') or "
+            "names as spelled in the Cell Ontology."
+        )
+    return out
+
+
+def label_indices(
+    values: Sequence[str] | np.ndarray,
+    label_clids: Sequence[str],
+    ontology: CellOntology,
+    *,
+    column: str,
+) -> np.ndarray:
+    """Index of each cell's CL id among ``label_clids`` (a model's pretraining cell types).
+
+    Raises
+    ------
+    OntologyError
+        Naming the unknown ids, and whether they are Cell Ontology ids at all.
+    """
+    clids = np.array([str(v).replace("_", ":") for v in values], dtype=object)
+    index = {c: i for i, c in enumerate(label_clids)}
+    out = np.array([index.get(v, -1) for v in clids], dtype=np.int64)
+    bad = sorted(set(clids[out < 0]))
+    if bad:
+        in_ontology = [c for c in bad if c in ontology]
+        hint = (
+            "None of them is a Cell Ontology id"
+            if not in_ontology
+            else f"{len(in_ontology)} are Cell Ontology ids but not among the model's "
+            f"{len(label_clids)} pretraining cell types"
+        )
+        raise OntologyError(
+            f"{len(bad)} cell types in obs[{column!r}] are unknown to the model: "
+            f"{', '.join(bad[:5])}. {hint}. Use CL ids of the model's cell types "
+            "(model.label_clids) or drop those cells."
+        )
+    return out

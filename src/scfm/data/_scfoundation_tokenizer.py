@@ -16,6 +16,7 @@ import torch
 from scfm.errors import InvalidInputError
 
 __all__ = [
+    "INPUT_KINDS",
     "parse_tgthighres",
     "scfoundation_align_counts",
     "scfoundation_gather",
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 PreNormalized = Literal["F", "T", "A"]
+#: The input kinds of ``pre_normalized``, in the order of their per-cell index.
+INPUT_KINDS: tuple[str, ...] = ("F", "T", "A")
 
 #: Target library size of the per-cell normalisation (reference: ``/ sum * 1e4``).
 NORMALIZE_TARGET = 1e4
@@ -58,6 +61,9 @@ def scfoundation_align_counts(
 ) -> torch.Tensor:
     """Reorder counts into the vocabulary's gene order, zero-filling missing genes.
 
+    What the model's data loader does for every minibatch (``main_gene_selection`` of the
+    reference); columns mapped to one vocabulary gene are summed.
+
     Parameters
     ----------
     counts
@@ -73,13 +79,32 @@ def scfoundation_align_counts(
     ``(n_cells, n_vocab)`` tensor of the same dtype as ``counts``.
     """
     out = counts.new_zeros(counts.shape[0], n_vocab)
-    out[:, vocab_index.to(counts.device)] = counts[:, var_index.to(counts.device)]
-    return out
+    return out.index_add_(1, vocab_index.to(counts.device), counts[:, var_index.to(counts.device)])
+
+
+def _input_kinds(
+    spec: PreNormalized | torch.Tensor, n_cells: int, device: torch.device
+) -> torch.Tensor:
+    """Per-cell index into :data:`INPUT_KINDS` from one kind or a ``(n_cells,)`` tensor."""
+    if isinstance(spec, torch.Tensor):
+        kind = spec.reshape(-1).to(device=device, dtype=torch.long)
+        if kind.numel() != n_cells or bool(((kind < 0) | (kind >= len(INPUT_KINDS))).any()):
+            raise InvalidInputError(
+                f"The input kind of every cell must be one of 0..{len(INPUT_KINDS) - 1} "
+                f"({', '.join(INPUT_KINDS)}), one per cell."
+            )
+        return kind
+    if spec not in INPUT_KINDS:
+        raise InvalidInputError(
+            f"pre_normalized={spec!r} is not supported; use 'F' (raw counts), "
+            "'T' (log-normalised values) or 'A' (log-normalised values + total count column)."
+        )
+    return torch.full((n_cells,), INPUT_KINDS.index(spec), dtype=torch.long, device=device)
 
 
 def scfoundation_preprocess(
     aligned: torch.Tensor,
-    pre_normalized: PreNormalized = "F",
+    pre_normalized: PreNormalized | torch.Tensor = "F",
     tgthighres: str = "t4",
     total_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -90,13 +115,14 @@ def scfoundation_preprocess(
     Parameters
     ----------
     aligned
-        ``(n_cells, n_genes)`` values in vocabulary order (:func:`scfoundation_align_counts`).
+        ``(n_cells, n_genes)`` values in vocabulary order.
     pre_normalized
         ``"F"``: raw counts; ``x = log1p(c / sum(c) * 1e4)`` and the total count is
         ``sum(c)`` over vocabulary genes. ``"T"``: values already normalised + log1p, used as
         given, and the "total count" is their sum (the reference's behaviour).
         ``"A"``: values already normalised + log1p and the raw total count is given in
-        ``total_counts`` (the GEARS layout).
+        ``total_counts`` (the GEARS layout). A ``(n_cells,)`` tensor of indices into
+        :data:`INPUT_KINDS` gives the kind per cell.
     tgthighres
         Target depth token ``T``: ``"tN"`` (T = N), ``"fN"`` (T = log10(N x total)),
         ``"aN"`` (T = S + N). The source token is always ``S = log10(total)``.
@@ -107,29 +133,28 @@ def scfoundation_preprocess(
     -------
     ``(n_cells, n_genes + 2)`` float32 tensor; the last two columns are ``T`` and ``S``.
     """
-    kind, number = parse_tgthighres(tgthighres)
+    kind_name, number = parse_tgthighres(tgthighres)
     x = aligned.to(torch.float64)
-    if pre_normalized == "F":
-        total = x.sum(dim=1)
-        x = torch.log1p(x / total[:, None] * NORMALIZE_TARGET)
-    elif pre_normalized == "T":
-        total = x.sum(dim=1)
-    elif pre_normalized == "A":
+    kind = _input_kinds(pre_normalized, x.shape[0], x.device)
+    total = x.sum(dim=1)
+    given = kind == INPUT_KINDS.index("A")
+    if bool(given.any()):
         if total_counts is None:
             raise InvalidInputError(
                 "pre_normalized='A' needs the raw total count of every cell: pass "
                 "total_counts_key='<adata.obs column>' to setup_anndata."
             )
-        total = total_counts.reshape(-1).to(device=x.device, dtype=torch.float64)
-    else:
-        raise InvalidInputError(
-            f"pre_normalized={pre_normalized!r} is not supported; use 'F' (raw counts), "
-            "'T' (log-normalised values) or 'A' (log-normalised values + total count column)."
+        total = torch.where(
+            given, total_counts.reshape(-1).to(device=x.device, dtype=torch.float64), total
         )
+    counts = kind == INPUT_KINDS.index("F")
+    if bool(counts.any()):
+        normalised = torch.log1p(x / total[:, None] * NORMALIZE_TARGET)
+        x = normalised if bool(counts.all()) else torch.where(counts[:, None], normalised, x)
     source = torch.log10(total)
-    if kind == "t":
+    if kind_name == "t":
         target = torch.full_like(source, number)
-    elif kind == "f":
+    elif kind_name == "f":
         target = torch.log10(total * number)
     else:
         target = source + number

@@ -4,9 +4,11 @@ The heavy lifting is done by existing engines: ``tiledbsoma`` reads the data,
 ``tiledbsoma_ml`` shuffles, batches and shards it across DDP ranks and DataLoader workers,
 and scvi-tools' :class:`~scvi.dataloaders.TileDBDataModule` turns it into a Lightning data
 module. :class:`SomaDataModule` only adds what an scfm model needs: the query's gene axis is
-mapped ONCE onto the model's genes (its AnnData's ``var`` order, which the model already
-aligned to its vocabulary), so every minibatch arrives as counts in exactly the layout the
-model's on-the-fly tokenizer expects.
+mapped ONCE onto the model's gene space (through the model's AnnData, which the model aligned
+to its vocabulary), so every minibatch arrives as counts in exactly the layout the module
+reads, as from the in-memory loader. Per-cell plans that need a whole AnnData (e.g. CellFM's
+all-gene totals) are not available while streaming; modules fall back to their in-batch
+values.
 
 Example (CELLxGENE Census, with the cell filter of the BioNeMo sc-FM model card)::
 
@@ -265,6 +267,9 @@ class SomaDataModule(TileDBDataModule):
             **kwargs,
         )
         self.gene_index = self._map_genes(query, model, var_id_column)
+        # The template AnnData's genes -> the model's gene space (what module.inference reads).
+        self.gene_space = model._gene_space(model.adata)[1]
+        self.model = model
         # Batch / label codes must be the model's own (its registry from setup_anndata), not
         # an encoding fitted on this query, so that e.g. label 3 means the same cell type.
         self._model_codes = {
@@ -341,9 +346,11 @@ class SomaDataModule(TileDBDataModule):
         if x.ndim == 1:  # tiledbsoma_ml returns a 1-d row for batch_size=1
             x = x[None, :]
         found = self.gene_index >= 0
-        out = torch.zeros(x.shape[0], len(self.gene_index), dtype=x.dtype)
-        out[:, found] = x[:, self.gene_index[found]]
-        tensors[REGISTRY_KEYS.X_KEY] = out
+        out = torch.zeros(x.shape[0], len(self.gene_index), dtype=torch.float32)
+        out[:, found] = x[:, self.gene_index[found]].float()
+        tensors[REGISTRY_KEYS.X_KEY] = torch.from_numpy(self.gene_space.map(out.numpy()))
+        for key, values in self.model._streamed_plan(obs, "train").items():
+            tensors[key] = torch.as_tensor(np.asarray(values))
         if tensors[REGISTRY_KEYS.LABELS_KEY].numel() == 0:
             tensors[REGISTRY_KEYS.LABELS_KEY] = torch.zeros(x.shape[0], 1, dtype=torch.long)
         return {k: v for k, v in tensors.items() if v is not None}

@@ -4,8 +4,8 @@ from ._bionemo import read_bionemo_geneformer
 from ._cellfm import CellFMConfig, read_cellfm_checkpoint, read_cellfm_genes
 from ._cellplm import (
     find_cellplm_checkpoint,
-    load_cellplm_weights,
     read_cellplm_config,
+    read_cellplm_release,
     read_cellplm_state_dict,
 )
 from ._common import (
@@ -30,7 +30,6 @@ __all__ = [
     "ScCelloRelease",
     "convert_sccello_state_dict",
     "find_cellplm_checkpoint",
-    "load_cellplm_weights",
     "load_pickle_dict",
     "load_safetensors_file",
     "load_state_dict_strict",
@@ -39,6 +38,7 @@ __all__ = [
     "read_cellfm_checkpoint",
     "read_cellfm_genes",
     "read_cellplm_config",
+    "read_cellplm_release",
     "read_cellplm_state_dict",
     "read_geneformer_checkpoint",
     "read_mindspore_checkpoint",

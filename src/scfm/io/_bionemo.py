@@ -24,18 +24,18 @@ import re
 import tarfile
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from scfm.data._geneformer_tokenizer import GeneformerDictionaries, load_geneformer_dictionaries
 from scfm.errors import CheckpointFormatError, CheckpointKeyError
-from scfm.io._common import load_safetensors_file, load_torch_file
+from scfm.io._common import Release, load_safetensors_file, load_torch_file
+from scfm.module._geneformer import GeneformerConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BioNeMoCheckpoint", "bionemo_to_module_state_dict", "read_bionemo_geneformer"]
+__all__ = ["bionemo_to_module_state_dict", "read_bionemo_geneformer"]
 
 #: Attention heads of the released models by hidden size (not stored in the weights).
 RELEASED_HEADS = {256: 4, 768: 12}
@@ -75,22 +75,6 @@ _RENAMES = (
     (r"^output_layer\.bias$", "cls.predictions.bias"),
 )
 _QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attention\.linear_qkv\.(weight|bias)$")
-
-
-@dataclass
-class BioNeMoCheckpoint:
-    """A BioNeMo Geneformer checkpoint mapped onto scfm.
-
-    Attributes
-    ----------
-    state_dict
-        Tensors named after :class:`~scfm.module.GeneformerModule`.
-    init_kwargs
-        Architecture / vocabulary arguments for :class:`~scfm.model.Geneformer`.
-    """
-
-    state_dict: dict[str, torch.Tensor]
-    init_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _strip_prefix(key: str) -> str:
@@ -215,7 +199,7 @@ def read_bionemo_geneformer(
     num_attention_heads: int | None = None,
     hidden_act: str = "gelu",
     trust_checkpoint: bool = False,
-) -> BioNeMoCheckpoint:
+) -> Release:
     """Read a BioNeMo Geneformer checkpoint and infer its architecture from the shapes.
 
     Parameters
@@ -230,6 +214,13 @@ def read_bionemo_geneformer(
         wrong, BioNeMo's own negative control shows it).
     trust_checkpoint
         Allow full unpickling of torch files that need it.
+
+    Returns
+    -------
+    :class:`~scfm.io._common.Release`: ``config`` (the :class:`GeneformerConfig` fields,
+    ``variant="bionemo"``), ``state_dict`` renamed onto
+    :class:`~scfm.module.GeneformerModule`, ``vocabulary`` (BioNeMo's token layout of the
+    V1 genes) and ``files``.
 
     Notes
     -----
@@ -258,24 +249,58 @@ def read_bionemo_geneformer(
                 if t is None
             ],
         )
+    dictionaries = _bionemo_dictionaries(p)
+    tokens = dictionaries.token_dictionary
     hidden = int(word.shape[1])
     heads = num_attention_heads or RELEASED_HEADS.get(hidden, max(hidden // 64, 1))
     layers = {int(m.group(1)) for k in raw if (m := re.search(r"layers\.(\d+)\.", k))}
-    init: dict[str, Any] = {
-        "hidden_size": hidden,
-        "num_hidden_layers": len(layers),
-        "num_attention_heads": heads,
-        "intermediate_size": int(fc1.shape[0]),
-        "hidden_act": hidden_act,
-        "hidden_dropout_prob": 0.02,
-        "attention_probs_dropout_prob": 0.1,
-        "input_size": int(pos.shape[0]),
-        "vocab_size": int(word.shape[0]),
-    }
-    medians = sorted(p.rglob("medians.json")) if p.is_dir() else []
-    if medians:
-        init["gene_median_dictionary"] = {
-            str(k): float(v) for k, v in json.loads(medians[0].read_text()).items()
-        }
-        logger.info("Using gene medians from %s.", medians[0])
-    return BioNeMoCheckpoint(bionemo_to_module_state_dict(raw, heads), init)
+    config = GeneformerConfig(
+        variant="bionemo",
+        vocab_size=int(word.shape[0]),
+        hidden_size=hidden,
+        num_hidden_layers=len(layers),
+        num_attention_heads=heads,
+        intermediate_size=int(fc1.shape[0]),
+        hidden_act=hidden_act,
+        hidden_dropout_prob=0.02,
+        attention_probs_dropout_prob=0.1,
+        max_position_embeddings=int(pos.shape[0]),
+        input_size=int(pos.shape[0]),
+        type_vocab_size=0,
+        pad_token_id=tokens["[PAD]"],
+        mask_token_id=tokens["[MASK]"],
+        cls_token_id=tokens["[CLS]"],
+        eos_token_id=None,  # BioNeMo adds no trailing [SEP] at inference
+    ).validate()
+    if len(tokens) > config.vocab_size:
+        raise CheckpointFormatError(
+            f"The BioNeMo word embedding of {str(p)!r} has {config.vocab_size} rows, fewer than "
+            f"the {len(tokens)} tokens of its vocabulary: not a geneformer-240530 checkpoint."
+        )
+    return Release(
+        config=config.to_dict(),
+        state_dict=bionemo_to_module_state_dict(raw, heads),
+        vocabulary=dictionaries,
+        files={"weights": p},
+    )
+
+
+def _bionemo_dictionaries(path: Path) -> GeneformerDictionaries:
+    """V1 genes in BioNeMo's token layout; medians from a ``medians.json`` under ``path``."""
+    v1 = load_geneformer_dictionaries(version="V1")
+    found = sorted(path.rglob("medians.json")) if path.is_dir() else []
+    if not found:
+        return v1.bionemo()
+    try:
+        medians = {str(k): float(v) for k, v in json.loads(found[0].read_text()).items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise CheckpointFormatError(
+            f"{str(found[0])!r} is not a JSON object of gene -> median ({err})."
+        ) from None
+    logger.info("Using gene medians from %s.", found[0])
+    return GeneformerDictionaries(
+        token_dictionary=v1.bionemo().token_dictionary,
+        gene_median_dictionary=medians,
+        gene_name_id_dictionary=v1.gene_name_id_dictionary,
+        ensembl_mapping_dictionary=None,
+    ).validate(f"BioNeMo medians {str(found[0])!r}")

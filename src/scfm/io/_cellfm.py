@@ -18,24 +18,28 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidInputError
-from scfm.io._common import resolve_local_path
+from scfm.io._common import Release, resolve_local_path
 from scfm.io._mindspore import MindSporeCheckpoint
+from scfm.module._cellfm import VALUE_BINS, CellFMConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CELLFM_RELEASES",
     "CellFMConfig",
+    "config_from_shapes",
     "find_cellfm_files",
     "read_cellfm_checkpoint",
     "read_cellfm_genes",
+    "read_cellfm_release",
 ]
 
 #: Released checkpoint file -> its gene list (token id = 1 + row).
@@ -45,129 +49,83 @@ CELLFM_RELEASES: dict[str, str] = {
 }
 #: Head count of the released models, by width (not recoverable from the weights).
 RELEASED_NUM_HEADS: dict[int, int] = {1536: 48}
-#: Bins of the soft-binning value encoder (``FFN(b=256)``).
-VALUE_BINS = 256
-#: Non-model entries MindSpore training writes into the checkpoint (optimizer state).
-_OPTIMIZER_PREFIXES = ("moment1.", "moment2.", "adam_m.", "adam_v.", "accum.")
-_OPTIMIZER_SCALARS = {
-    "global_step",
-    "learning_rate",
-    "beta1_power",
-    "beta2_power",
-    "current_iterator_step",
-    "last_overflow_iterator_step",
-    "loss_scale",
-    "scale_sense",
-}
+#: The gene table has ``n_genes + 1`` rows rounded up to a multiple of this.
+GENE_ROW_MULTIPLE = 8
 #: MindSpore LayerNorm parameter names -> torch names.
 _RENAMES = ((re.compile(r"\.gamma$"), ".weight"), (re.compile(r"\.beta$"), ".bias"))
 
 
-@dataclass
-class CellFMConfig:
-    """Architecture of a CellFM model (the reference's ``Config`` fields).
+def config_from_shapes(
+    shapes: Mapping[str, tuple[int, ...]], n_heads: int | None = None
+) -> dict[str, Any]:
+    """The architecture of a CellFM checkpoint, from its tensor names and shapes.
 
-    Attributes
+    Parameters
     ----------
-    enc_dims
-        Model width ``d`` (1536 in the releases).
-    enc_nlayers
-        Number of retention layers ``N`` (80M: 2; 800M: 40).
-    enc_num_heads
-        Retention heads ``H`` (48 in the releases; not stored in checkpoints).
-    gene_rows
-        Rows of the gene embedding table: ``n_genes + 1`` rounded up to a multiple of 8.
-    value_bins
-        Bins of the soft-binning value encoder (256).
-    st_tokens
-        Whether the model has the two read-depth tokens ``ST_emb`` / ``ST_enc`` (80M: yes).
-    add_zero
-        Whether the value and cell-wise decoders have zero-probability heads.
-    lora
-        LoRA rank on the retention / GLU projections (0: none).
-    enc_dropout
-        Dropout on the residual branches during training.
+    shapes
+        Parameter name -> dims (MindSpore or scfm names), optimizer entries included or not.
+    n_heads
+        Head count; ``None`` uses the released value for the released width.
+
+    Returns
+    -------
+    The :class:`~scfm.module._cellfm.CellFMConfig` fields except ``n_genes`` (which the gene
+    list gives).
+
+    Raises
+    ------
+    CheckpointFormatError
+        If the file has no CellFM gene table / encoder, or ``n_heads`` does not divide
+        its width.
+    InvalidInputError
+        If ``n_heads`` is needed but not given, or is not an integer.
     """
-
-    enc_dims: int
-    enc_nlayers: int
-    enc_num_heads: int
-    gene_rows: int
-    value_bins: int = VALUE_BINS
-    st_tokens: bool = True
-    add_zero: bool = False
-    lora: int = 0
-    enc_dropout: float = 0.0
-
-    def to_dict(self) -> dict:
-        """Plain-dict form (used as the model's ``init_params``)."""
-        return asdict(self)
-
-    @classmethod
-    def from_shapes(
-        cls, shapes: Mapping[str, tuple[int, ...]], num_heads: int | None = None
-    ) -> CellFMConfig:
-        """Infer the architecture from checkpoint tensor shapes (names as in MindSpore).
-
-        Parameters
-        ----------
-        shapes
-            Parameter name -> dims, optimizer entries included or not.
-        num_heads
-            Head count; ``None`` uses the released value for the released width.
-
-        Raises
-        ------
-        CheckpointFormatError
-            If the file has no CellFM gene table / encoder.
-        InvalidInputError
-            If ``num_heads`` is needed but not given, or does not divide the width.
-        """
-        if "gene_emb" not in shapes or len(shapes["gene_emb"]) != 2:
-            raise CheckpointFormatError(
-                "The checkpoint has no 2-d 'gene_emb' tensor: it is not a CellFM checkpoint."
-            )
-        gene_rows, d = shapes["gene_emb"]
-        layers = {
-            int(m.group(1))
-            for k in shapes
-            if (m := re.match(r"^encoder\.(\d+)\.attn\.q_proj\.weight$", k))
-        }
-        if not layers or layers != set(range(len(layers))):
-            raise CheckpointFormatError(
-                f"The checkpoint's encoder layers are {sorted(layers)}: expected "
-                "encoder.0 ... encoder.N-1 (a CellFM retention encoder)."
-            )
-        if num_heads is None:
-            if d not in RELEASED_NUM_HEADS:
-                raise InvalidInputError(
-                    f"The checkpoint has width {d}, which no released CellFM has, and the head "
-                    "count is not stored in CellFM checkpoints. Pass n_heads=<number of "
-                    "retention heads> (the enc_num_heads of the config it was trained with)."
-                )
-            num_heads = RELEASED_NUM_HEADS[d]
-        if num_heads < 1 or d % num_heads:
-            raise InvalidInputError(
-                f"n_heads={num_heads} does not divide the model width {d}; pass the "
-                "enc_num_heads the checkpoint was trained with."
-            )
-        bins = shapes.get("value_enc.value_enc.w1.weight", (VALUE_BINS, 1))[0]
-        lora_a = [v for k, v in shapes.items() if re.search(r"\.lora_q\.A\.weight$", k)]
-        return cls(
-            enc_dims=int(d),
-            enc_nlayers=len(layers),
-            enc_num_heads=int(num_heads),
-            gene_rows=int(gene_rows),
-            value_bins=int(bins),
-            st_tokens="ST_emb" in shapes,
-            add_zero=any(".zero_logit." in k for k in shapes),
-            lora=int(lora_a[0][0]) if lora_a else 0,
+    gene_emb = shapes.get("gene_emb")
+    if gene_emb is None or len(gene_emb) != 2:
+        raise CheckpointFormatError(
+            "The checkpoint has no 2-d 'gene_emb' tensor: it is not a CellFM checkpoint."
         )
-
-
-def is_optimizer_entry(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether a checkpoint entry is training state rather than a model parameter."""
-    return name.startswith(_OPTIMIZER_PREFIXES) or name in _OPTIMIZER_SCALARS or shape == ()
+    gene_rows, d = (int(v) for v in gene_emb)
+    layers = {
+        int(m.group(1))
+        for k in shapes
+        if (m := re.match(r"^encoder\.(\d+)\.attn\.q_proj\.weight$", k))
+    }
+    if not layers or layers != set(range(len(layers))):
+        raise CheckpointFormatError(
+            f"The checkpoint's encoder layers are {sorted(layers)}: expected "
+            "encoder.0 ... encoder.N-1 (a CellFM retention encoder)."
+        )
+    if n_heads is None:
+        if d not in RELEASED_NUM_HEADS:
+            raise InvalidInputError(
+                f"The checkpoint has width {d}, which no released CellFM has, and the head "
+                "count is not stored in CellFM checkpoints. Pass n_heads=<number of "
+                "retention heads> (the enc_num_heads of the config it was trained with)."
+            )
+        n_heads = RELEASED_NUM_HEADS[d]
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int | np.integer):
+        raise InvalidInputError(f"n_heads must be an integer, got {n_heads!r}.")
+    if n_heads < 1 or d % n_heads:
+        # the head count is the one config value the file does not hold: checked against it
+        raise CheckpointFormatError(
+            f"n_heads={n_heads} does not divide the width {d} of the checkpoint's weights; "
+            "pass the enc_num_heads it was trained with (a positive divisor of the width)."
+        )
+    bins = shapes.get("value_enc.value_enc.w1.weight", (VALUE_BINS, 1))[0]
+    lora_a = [
+        v for k, v in shapes.items() if re.search(r"^encoder\.0\.attn\.lora_q\.A\.weight$", k)
+    ]
+    return {
+        "enc_dims": d,
+        "enc_nlayers": len(layers),
+        "enc_num_heads": int(n_heads),
+        "gene_rows": gene_rows,
+        "value_bins": int(bins),
+        "st_tokens": "ST_emb" in shapes,
+        "add_zero": any(re.match(r"^(value|cellwise)_dec\.zero_logit\.", k) for k in shapes),
+        "lora": int(lora_a[0][0]) if lora_a else 0,
+    }
 
 
 def rename_mindspore_key(name: str) -> str:
@@ -229,12 +187,12 @@ def find_cellfm_files(
 
 
 def read_cellfm_genes(path: str | os.PathLike) -> list[str]:
-    """Read a CellFM gene list (``HGNC_gene`` index column); token id = 1 + row.
+    """Read and validate a CellFM gene list (``HGNC_gene`` index column); token id = 1 + row.
 
     Raises
     ------
     CheckpointFormatError
-        If the file is not a CellFM gene list.
+        If the file is not a CellFM gene list, or names a gene twice or not at all.
     """
     path = resolve_local_path(path, what="CellFM gene list")
     try:
@@ -249,33 +207,89 @@ def read_cellfm_genes(path: str | os.PathLike) -> list[str]:
             f"{table.index.name!r}, expected 'HGNC_gene'). Pass gene_info.csv or "
             "expand_gene_info.csv from the CellFM release."
         )
-    return [str(g) for g in table.index]
+    if table.index.isna().any() or (table.index.astype(str).str.strip() == "").any():
+        raise CheckpointFormatError(
+            f"{str(path)!r} has rows without a gene symbol; the file is damaged: use the "
+            "gene list released with the checkpoint."
+        )
+    genes = [str(g) for g in table.index]
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
+    if len(duplicated):
+        raise CheckpointFormatError(
+            f"{str(path)!r} lists {len(duplicated)} genes twice (e.g. "
+            f"{', '.join(duplicated[:3])}): two token ids for one gene. Use the gene list "
+            "released with the checkpoint."
+        )
+    return genes
 
 
 def read_cellfm_checkpoint(
-    path: str | os.PathLike, num_heads: int | None = None
-) -> tuple[CellFMConfig, dict[str, torch.Tensor]]:
-    """Read the model parameters of a CellFM MindSpore checkpoint, renamed for scfm.
+    path: str | os.PathLike, n_heads: int | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a CellFM MindSpore checkpoint: its architecture and its tensors, renamed for scfm.
 
-    Optimizer state (``moment1.*``, ``moment2.*``, step counters, learning rate) is never
-    read. Tensors are views of the memory-mapped file until they are copied into the model.
+    Tensors are views of the memory-mapped file (nothing is read until they are copied into
+    the module). Optimizer state (``moment1.*``, ...) is kept in the dict for the module's
+    declared load rules to drop; 0-d training counters are dropped here (no CellFM parameter
+    is a scalar, and their set in the released files is not known).
 
     Parameters
     ----------
     path
         The ``.ckpt`` file.
-    num_heads
+    n_heads
         Head count (``None``: the released value for the released width).
 
     Returns
     -------
-    ``(config inferred from the shapes, {scfm parameter name: tensor})``.
+    ``(config fields from :func:`config_from_shapes`, {scfm name: tensor})``.
     """
     ckpt = MindSporeCheckpoint(path)
-    model_keys = [k for k in ckpt if not is_optimizer_entry(k, ckpt.shape(k))]
-    skipped = len(ckpt) - len(model_keys)
-    if skipped:
-        logger.info("Ignoring %d optimizer / training-state entries of %s.", skipped, ckpt.path)
-    config = CellFMConfig.from_shapes({k: ckpt.shape(k) for k in model_keys}, num_heads)
-    state = {rename_mindspore_key(k): ckpt[k] for k in model_keys}
-    return config, state
+    keys = [k for k in ckpt if ckpt.shape(k) != ()]
+    config = config_from_shapes({k: ckpt.shape(k) for k in keys}, n_heads)
+    return config, {rename_mindspore_key(k): ckpt[k] for k in keys}
+
+
+def read_cellfm_release(
+    path: str | os.PathLike,
+    n_heads: int | None = None,
+    gene_file: str | os.PathLike | None = None,
+) -> Release:
+    """Read a CellFM release: checkpoint, gene list and the configuration they imply.
+
+    Parameters
+    ----------
+    path
+        A released ``.ckpt`` file or the folder holding it.
+    n_heads
+        Retention heads (not stored in checkpoints); ``None``: 48 for the released width.
+    gene_file
+        Gene list to use instead of the one found beside the checkpoint.
+
+    Returns
+    -------
+    :class:`~scfm.io._common.Release` with ``config`` (the :class:`CellFMConfig` fields,
+    ``n_genes`` from the gene list), the renamed state dict, ``vocabulary`` (the gene list,
+    token id = 1 + position) and ``files`` (``weights``, ``genes``).
+    """
+    ckpt_file, genes_file = find_cellfm_files(path, gene_file)
+    genes = read_cellfm_genes(genes_file)
+    config, state = read_cellfm_checkpoint(ckpt_file, n_heads)
+    config["n_genes"] = len(genes)
+    expected_rows = len(genes) + 1 + (-len(genes) - 1) % GENE_ROW_MULTIPLE
+    if config["gene_rows"] > len(genes) and config["gene_rows"] != expected_rows:
+        logger.warning(
+            "%s has %d gene rows; %s with %d genes implies %d. Check that the gene list "
+            "belongs to this checkpoint.",
+            ckpt_file.name,
+            config["gene_rows"],
+            genes_file.name,
+            len(genes),
+            expected_rows,
+        )
+    return Release(
+        config=config,
+        state_dict=state,
+        vocabulary=genes,
+        files={"weights": ckpt_file, "genes": genes_file},
+    )

@@ -2,7 +2,8 @@
 
 The released checkpoint (e.g. ``20231027_85M``, ``20230926_85M``) is a pair of files sharing a
 prefix inside one directory. The ``.best.ckpt`` is a ``torch.save`` dict whose entry
-``model_state_dict`` holds the weights under the same names as :class:`scfm.module.CellPLMModule`.
+``model_state_dict`` holds the weights under the same names as :class:`scfm.module.CellPLMModule`
+(the module class declares which release keys it ignores), so reading is checks, not renames.
 """
 
 from __future__ import annotations
@@ -13,25 +14,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError
-from scfm.io._common import load_state_dict_strict, load_torch_file
+from scfm.io._common import Release, check_finite_state_dict, load_torch_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "find_cellplm_checkpoint",
-    "load_cellplm_weights",
     "read_cellplm_config",
+    "read_cellplm_release",
     "read_cellplm_state_dict",
 ]
 
 CONFIG_SUFFIX = ".config.json"
 CKPT_SUFFIX = ".best.ckpt"
-#: Checkpoint keys the released forward pass never uses (``norm0`` is built but not applied;
-#: the positional-encoding table is replaced by 0 in the reference, upstream issue #19).
-UNUSED_PREFIXES = ("embedder.norm0.", "embedder.pe_enc.")
 
 
 def find_cellplm_checkpoint(
@@ -103,28 +102,78 @@ def find_cellplm_checkpoint(
     return config, ckpt
 
 
+def read_cellplm_release(
+    path: str | os.PathLike, prefix: str | None = None, *, trust_checkpoint: bool = False
+) -> Release:
+    """Read one CellPLM release: config, weights and gene list.
+
+    Parameters
+    ----------
+    path, prefix
+        As in :func:`find_cellplm_checkpoint` (a folder with several releases gives the
+        newest).
+    trust_checkpoint
+        Allow full unpickling if the ``.best.ckpt`` holds Python objects (trusted files only).
+
+    Returns
+    -------
+    :class:`~scfm.io._common.Release` with the raw config (without ``gene_list``), the
+    ``model_state_dict`` tensors, the gene list as a :class:`pandas.Index` and the files
+    (``config``, ``weights``).
+    """
+    config_path, ckpt_path = find_cellplm_checkpoint(path, prefix)
+    config, genes = read_cellplm_config(config_path)
+    if config.get("out_dim", len(genes)) != len(genes):
+        raise CheckpointFormatError(
+            f"CellPLM config key 'out_dim' = {config['out_dim']!r} but 'gene_list' holds "
+            f"{len(genes)} genes ({config_path}): one of them is damaged."
+        )
+    return Release(
+        config=config,
+        state_dict=read_cellplm_state_dict(ckpt_path, trust_checkpoint=trust_checkpoint),
+        vocabulary=pd.Index(genes),
+        files={"config": config_path, "weights": ckpt_path},
+    )
+
+
 def read_cellplm_config(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
     """Read ``<prefix>.config.json``: the raw config dict (without gene list) and the gene list.
 
     Raises
     ------
     CheckpointFormatError
-        If the file is not JSON or lacks ``gene_list``.
+        If the file is not a JSON object, or ``gene_list`` is missing, empty, not strings or
+        holds duplicates.
     """
     try:
         with open(path, encoding="utf-8") as fh:
             raw = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointFormatError(
-            f"{str(path)!r} is not a readable JSON config ({err}). Older CellPLM releases "
-            "used '.config.pkl'; download the current release with '.config.json'."
+            f"{str(path)!r} is not a readable JSON config ({type(err).__name__}: {err}). Older "
+            "CellPLM releases used '.config.pkl'; download the current release with "
+            "'.config.json'."
         ) from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("gene_list"), list):
+    if not isinstance(raw, dict) or "gene_list" not in raw:
         raise CheckpointFormatError(
             f"{str(path)!r} has no 'gene_list': it is not a CellPLM config.json."
         )
-    genes = [str(g) for g in raw.pop("gene_list")]
-    return raw, genes
+    genes = raw.pop("gene_list")
+    if (
+        not isinstance(genes, list)
+        or not genes
+        or not all(isinstance(g, str) and g.strip() for g in genes)
+    ):
+        raise CheckpointFormatError(
+            f"'gene_list' of {str(path)!r} must be a non-empty list of gene ids (strings)."
+        )
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()]
+    if len(duplicated):
+        raise CheckpointFormatError(
+            f"'gene_list' of {str(path)!r} holds {len(duplicated)} duplicated gene ids (e.g. "
+            f"{', '.join(duplicated[:3])}); each gene must have one row of the gene embedding."
+        )
+    return raw, list(genes)
 
 
 def read_cellplm_state_dict(
@@ -134,26 +183,15 @@ def read_cellplm_state_dict(
     obj = load_torch_file(path, trust_checkpoint=trust_checkpoint)
     if isinstance(obj, dict) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
         raise CheckpointFormatError(
             f"{str(path)!r} holds no 'model_state_dict' of tensors: it is not a CellPLM "
             ".best.ckpt file."
         )
+    # every tensor, also those the forward never uses (a NaN there still means a bad file)
+    check_finite_state_dict(obj, what=str(path))
     return dict(obj)
-
-
-def load_cellplm_weights(
-    module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, what: str = "checkpoint"
-) -> None:
-    """Load a released state dict strictly into a :class:`~scfm.module.CellPLMModule`.
-
-    Only the unused embedder keys (``embedder.norm0.*``, ``embedder.pe_enc.*``) may be
-    absent from the module; every other missing, unexpected or mis-shaped key raises
-    :class:`~scfm.errors.CheckpointKeyError`. With ``spatial_encoding=True`` the learned
-    ``embedder.pe_enc.missing_pe`` is loaded.
-    """
-    target = set(module.state_dict())
-    unused = [k for k in state_dict if k.startswith(UNUSED_PREFIXES) and k not in target]
-    if unused:
-        logger.debug("Ignoring unused CellPLM keys: %s", ", ".join(unused))
-    load_state_dict_strict(module, state_dict, what=what, ignore_unexpected=unused)

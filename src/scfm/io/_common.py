@@ -78,7 +78,9 @@ def _check_nonempty(path: Path) -> None:
         )
 
 
-def load_torch_file(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> Any:
+def load_torch_file(
+    path: str | os.PathLike, *, trust_checkpoint: bool = False, mmap: bool = False
+) -> Any:
     """Read a file written by :func:`torch.save` safely, on CPU.
 
     Parameters
@@ -100,7 +102,9 @@ def load_torch_file(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
     p = resolve_local_path(path)
     _check_nonempty(p)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        # mmap: tensors stay views of the file until used, so a reader that keeps only part
+        # of a release (scFoundation's weight sets) never holds the rest in memory.
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "GLOBAL" not in str(err) and not _names_python_objects(p):
             # neither a Python object torch refused (it names the GLOBAL) nor a plain pickle
@@ -286,6 +290,7 @@ def load_state_dict_strict(
     what: str = "checkpoint",
     ignore_unexpected: Iterable[str] = (),
     allow_missing: Iterable[str] = (),
+    assign: bool = False,
 ) -> None:
     """Copy ``state_dict`` into ``module``, reporting every problem at once.
 
@@ -302,6 +307,10 @@ def load_state_dict_strict(
         they are dropped silently.
     allow_missing
         Exact module keys that may be absent (e.g. non-persistent or derived tensors).
+    assign
+        Use the given tensors as the module's parameters instead of copying them
+        (:meth:`torch.nn.Module.load_state_dict`'s ``assign``; for modules built on the meta
+        device, so weights are never held twice).
 
     Notes
     -----
@@ -340,4 +349,6 @@ def load_state_dict_strict(
             unexpected=unexpected,
             mismatched=mismatched,
         )
-    module.load_state_dict({k: v for k, v in provided.items() if k in target}, strict=not optional)
+    module.load_state_dict(
+        {k: v for k, v in provided.items() if k in target}, strict=not optional, assign=assign
+    )

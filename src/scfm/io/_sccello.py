@@ -23,15 +23,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
+from scfm.data._genes import strip_version
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError
 from scfm.io._common import (
+    Release,
     _RestrictedUnpickler,
     load_pickle_dict,
     load_safetensors_file,
@@ -41,21 +49,18 @@ from scfm.io._common import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScCelloRelease", "convert_sccello_state_dict", "read_sccello_release"]
+__all__ = [
+    "ScCelloRelease",
+    "ScCelloVocabulary",
+    "convert_sccello_state_dict",
+    "read_sccello_release",
+    "sccello_vocabulary",
+    "validate_vocabulary",
+]
 
 #: Token names of the scCello vocabulary.
 PAD_TOKEN, MASK_TOKEN, CLS_TOKEN = "<pad>", "<mask>", "<cls>"
 
-#: Checkpoint keys that hold nothing the model uses: the position-id buffer (an arange), the
-#: reference's never-called ``binary_ce_loss_transform_*`` layers and the sequence
-#: classification class's pooler (its forward ignores it).
-_UNUSED_PREFIXES = (
-    "bert.embeddings.position_ids",
-    "binary_ce_loss_transform_cell.",
-    "binary_ce_loss_transform_prototype.",
-    "binary_ce_loss_transform_cellprot.",
-    "bert.pooler.",
-)
 #: The two prediction heads whose ``bias`` is shared with ``dense_2.bias`` in the reference.
 _TIED_HEADS = ("cls", "cell_cls")
 
@@ -70,44 +75,146 @@ _DATA_FILES = {
 }
 
 
-@dataclass
-class ScCelloRelease:
-    """Everything read from an scCello release.
+@dataclass(frozen=True)
+class ScCelloVocabulary:
+    """scCello's token vocabulary: token ids and the medians of the genes.
 
     Attributes
     ----------
-    config
-        The raw ``config.json``.
-    state_dict
-        Weights renamed onto :class:`~scfm.module.ScCelloModule` (head-bias tie restored).
     token_dictionary
-        Token name -> id, ``<cls>`` included.
+        Token name -> id, ``<pad>`` = 0, ``<mask>`` = 1 and ``<cls>`` included; the ids are
+        exactly ``0 .. n - 1``.
     gene_medians
-        Ensembl id -> non-zero median.
+        Ensembl id -> finite positive non-zero median.
+    """
+
+    token_dictionary: dict[str, int]
+    gene_medians: dict[str, float]
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        """Token names ordered by token id (position = id)."""
+        names = [""] * len(self.token_dictionary)
+        for name, token in self.token_dictionary.items():
+            names[token] = name
+        return tuple(names)
+
+    def medians_by_token(self) -> np.ndarray:
+        """float64 ``[n_tokens]`` median of each token's gene, ``NaN`` for non-genes."""
+        return np.array([self.gene_medians.get(n, np.nan) for n in self.names], dtype=np.float64)
+
+
+def validate_vocabulary(
+    tokens: Mapping[object, object], medians: Mapping[object, object], *, what: str
+) -> ScCelloVocabulary:
+    """Check and normalise a token dictionary (``<cls>`` appended if absent) and medians.
+
+    Raises
+    ------
+    CheckpointFormatError
+        For non-integer or repeated token ids, ids that are not ``0 .. n - 1``, a missing
+        ``<pad>`` / ``<mask>``, gene ids that repeat up to case / version, or medians that
+        are not finite positive numbers.
+    """
+    out: dict[str, int] = {}
+    for name, token in tokens.items():
+        if isinstance(token, bool) or not isinstance(token, int | np.integer):
+            raise CheckpointFormatError(
+                f"The {what} token dictionary maps {name!r} to {token!r}, not an integer id."
+            )
+        out[str(name)] = int(token)
+    if CLS_TOKEN not in out:
+        # the reference appends <cls> after the stored tokens
+        out[CLS_TOKEN] = len(out)
+    for special, expected in ((PAD_TOKEN, 0), (MASK_TOKEN, None)):
+        if special not in out or (expected is not None and out[special] != expected):
+            raise CheckpointFormatError(
+                f"The {what} token dictionary lacks {special}"
+                + (f" = {expected}" if expected is not None else "")
+                + "; it is not an scCello / Geneformer V1 token dictionary."
+            )
+    ids = np.sort(np.fromiter(out.values(), dtype=np.int64, count=len(out)))
+    if len(np.unique(ids)) < len(ids):
+        repeated = sorted({int(t) for t in ids[1:][np.diff(ids) == 0]})[:5]
+        raise CheckpointFormatError(
+            f"The {what} token dictionary gives several genes the same token id ({repeated})."
+        )
+    if ids[0] != 0 or ids[-1] != len(ids) - 1:
+        raise CheckpointFormatError(
+            f"The {what} token ids are not 0..{len(ids) - 1} (found {ids[0]}..{ids[-1]})."
+        )
+    genes = [n for n in out if n not in (PAD_TOKEN, MASK_TOKEN, CLS_TOKEN)]
+    normalised = strip_version(pd.Index(genes).str.upper())
+    if normalised.has_duplicates:
+        twice = sorted(set(normalised[normalised.duplicated()]))[:5]
+        raise CheckpointFormatError(f"The {what} token dictionary lists genes twice: {twice}.")
+    clean: dict[str, float] = {}
+    for gene, value in medians.items():
+        try:
+            median = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            median = math.nan
+        if not (math.isfinite(median) and median > 0):
+            raise CheckpointFormatError(
+                f"The {what} gene median dictionary gives {gene!r} the median {value!r}; "
+                "medians must be finite positive numbers."
+            )
+        clean[str(gene)] = median
+    if not any(g in clean for g in genes):
+        raise CheckpointFormatError(
+            f"No gene of the {what} token dictionary has a median: the two files do not belong "
+            "together."
+        )
+    return ScCelloVocabulary(token_dictionary=out, gene_medians=clean)
+
+
+def sccello_vocabulary(
+    token_dictionary: Mapping[str, int] | None = None,
+    gene_medians: Mapping[str, float] | None = None,
+) -> ScCelloVocabulary:
+    """The validated vocabulary; what is ``None`` comes from scfm's Geneformer V1 files."""
+    if token_dictionary is None or gene_medians is None:
+        from scfm.data._geneformer_tokenizer import load_geneformer_dictionaries
+
+        shipped = load_geneformer_dictionaries(version="V1")
+        token_dictionary = token_dictionary or shipped.token_dictionary
+        gene_medians = gene_medians or shipped.gene_median_dictionary
+    return validate_vocabulary(token_dictionary, gene_medians, what="scCello")
+
+
+@dataclass
+class ScCelloRelease(Release):
+    """Everything read from an scCello release (a :class:`~scfm.io._common.Release`).
+
+    ``config`` is the raw ``config.json``, ``state_dict`` the weights renamed onto
+    :class:`~scfm.module.ScCelloModule` (head-bias tie restored), ``vocabulary`` a
+    :class:`ScCelloVocabulary`, ``files`` the files read by role.
+
+    Attributes
+    ----------
     label_clids
         CL id of each pretraining label id (position = label id); ``None`` if no label map.
     cell_type_names
         CL id -> cell-type name of the pretraining labels.
     taxonomy_names
         Lower-cased Cell Taxonomy name -> CL id (the reference's name lookup).
-    ontology_path
-        The release's ``cl.owl`` if present.
     """
 
-    config: dict
-    state_dict: dict[str, torch.Tensor]
-    token_dictionary: dict[str, int]
-    gene_medians: dict[str, float]
     label_clids: list[str] | None = None
     cell_type_names: dict[str, str] = field(default_factory=dict)
     taxonomy_names: dict[str, str] = field(default_factory=dict)
-    ontology_path: str | None = None
+
+    @property
+    def ontology_path(self) -> str | None:
+        """The release's ``cl.owl`` if present."""
+        path = self.files.get("ontology")
+        return None if path is None else str(path)
 
 
 def convert_sccello_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a reference state dict onto :class:`~scfm.module.ScCelloModule` names.
 
-    Unused entries are dropped (see ``_UNUSED_PREFIXES``). For each head the shared bias is
+    Unused entries stay; the module's load rules ignore them. For each head the shared bias is
     stored under ``<head>.predictions.bias``: a file written by ``save_pretrained`` with
     safetensors (transformers < 4.40) keeps only that alias, a ``.bin`` keeps both, so a
     missing ``dense_2.bias`` is filled from ``bias`` (and vice versa) instead of staying zero.
@@ -117,7 +224,7 @@ def convert_sccello_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     CheckpointFormatError
         If both aliases are present but differ (the file was not written by scCello).
     """
-    out = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
+    out = dict(state_dict)
     for head in _TIED_HEADS:
         bias_key = f"{head}.predictions.bias"
         alias_key = f"{head}.predictions.dense_2.bias"
@@ -139,16 +246,18 @@ def convert_sccello_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def _load_weights(directory: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
+def _load_weights(directory: Path, trust_checkpoint: bool) -> tuple[Path, dict[str, torch.Tensor]]:
     safetensors_file = directory / "model.safetensors"
     bin_file = directory / "pytorch_model.bin"
     if safetensors_file.is_file():
-        return load_safetensors_file(safetensors_file)
+        return safetensors_file, load_safetensors_file(safetensors_file)
     if bin_file.is_file():
         state = load_torch_file(bin_file, trust_checkpoint=trust_checkpoint)
-        if not isinstance(state, dict):
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
+        ):
             raise CheckpointFormatError(f"{str(bin_file)!r} does not hold a state dict.")
-        return state
+        return bin_file, state
     raise CheckpointNotFoundError(
         f"No model.safetensors or pytorch_model.bin in {str(directory)!r}. Download the "
         "scCello release (e.g. katarinayuan/scCello-zeroshot) and pass its directory."
@@ -197,7 +306,7 @@ def read_sccello_release(
     CheckpointNotFoundError
         If the config or the weights are missing.
     CheckpointFormatError
-        If a file is unreadable or inconsistent with the others.
+        If a file is unreadable, malformed or inconsistent with the others.
     """
     directory = resolve_local_path(path)
     if directory.is_file():
@@ -212,47 +321,47 @@ def read_sccello_release(
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointFormatError(f"{str(config_file)!r} is not valid JSON ({err}).") from None
-    state_dict = convert_sccello_state_dict(_load_weights(directory, trust_checkpoint))
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{str(config_file)!r} does not hold a JSON object.")
+    weights_file, raw_state = _load_weights(directory, trust_checkpoint)
+    state_dict = convert_sccello_state_dict(raw_state)
+    files = {"config": config_file, "weights": weights_file}
 
     data = _find_data_dir(directory, data_dir)
     if data is None:
-        from scfm.data._geneformer_tokenizer import load_geneformer_dictionaries
-
         logger.warning(
             "No scCello data/ folder in %s: using the Geneformer V1 dictionaries shipped with "
             "scfm (scCello's vocabulary) and no pretraining label map. Pass data_dir= to use "
             "the release's files.",
             directory,
         )
-        dicts = load_geneformer_dictionaries(version="V1")
-        tokens = dict(dicts.token_dictionary)
-        medians = dict(dicts.gene_median_dictionary)
-        label_clids, names, taxonomy, ontology = None, {}, {}, None
+        vocabulary = sccello_vocabulary()
+        label_clids, names, taxonomy = None, {}, {}
     else:
-        tokens = {
-            str(k): int(v)
-            for k, v in load_pickle_dict(
-                data / _DATA_FILES["token_dictionary"], what="scCello token dictionary"
-            ).items()
-        }
-        medians = {
-            str(k): float(v)
-            for k, v in load_pickle_dict(
-                data / _DATA_FILES["gene_medians"], what="scCello gene median dictionary"
-            ).items()
-        }
-        label_clids, names = _read_labels(data, str(config.get("data_branch", "frac100")))
+        token_file = data / _DATA_FILES["token_dictionary"]
+        median_file = data / _DATA_FILES["gene_medians"]
+        vocabulary = validate_vocabulary(
+            load_pickle_dict(token_file, what="scCello token dictionary"),
+            load_pickle_dict(median_file, what="scCello gene median dictionary"),
+            what=str(token_file.parent),
+        )
+        files.update(token_dictionary=token_file, gene_medians=median_file)
+        branch = config.get("data_branch", "frac100")
+        if not isinstance(branch, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", branch):
+            raise CheckpointFormatError(
+                f"{str(config_file)!r}: data_branch={branch!r} is not a string."
+            )
+        label_clids, names = _read_labels(data, branch)
         taxonomy = _read_taxonomy_names(data / _DATA_FILES["taxonomy"])
         owl = data / _DATA_FILES["ontology"]
-        ontology = str(owl) if owl.is_file() else None
-    if CLS_TOKEN not in tokens:
-        # the reference appends <cls> after the stored tokens
-        tokens[CLS_TOKEN] = len(tokens)
-    vocab_size = int(config.get("vocab_size", len(tokens)))
-    if max(tokens.values()) + 1 != vocab_size:
+        if owl.is_file():
+            files["ontology"] = owl
+    vocab_size = config.get("vocab_size", len(vocabulary.token_dictionary))
+    if vocab_size != len(vocabulary.token_dictionary):
         raise CheckpointFormatError(
-            f"The token dictionary has {max(tokens.values()) + 1} tokens (with <cls>) but "
-            f"config.json says vocab_size={vocab_size}. Pass the data/ folder of this release."
+            f"The token dictionary has {len(vocabulary.token_dictionary)} tokens (with <cls>) "
+            f"but config.json says vocab_size={vocab_size}. Pass the data/ folder of this "
+            "release."
         )
     if label_clids is not None and "ctgraph_sim" in state_dict:
         n = state_dict["ctgraph_sim"].shape[0]
@@ -264,12 +373,11 @@ def read_sccello_release(
     return ScCelloRelease(
         config=config,
         state_dict=state_dict,
-        token_dictionary=tokens,
-        gene_medians=medians,
+        vocabulary=vocabulary,
+        files=files,
         label_clids=label_clids,
         cell_type_names=names,
         taxonomy_names=taxonomy,
-        ontology_path=ontology,
     )
 
 
@@ -279,6 +387,10 @@ def _read_labels(data: Path, branch: str) -> tuple[list[str] | None, dict[str, s
     if not label_file.is_file():
         return None, {}
     clid2label = load_pickle_dict(label_file, what="scCello label map")
+    if not all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in clid2label.values()
+    ):
+        raise CheckpointFormatError(f"{str(label_file)!r} does not map CL ids to integer labels.")
     ids = sorted(int(v) for v in clid2label.values())
     if ids != list(range(len(ids))):
         raise CheckpointFormatError(
@@ -293,7 +405,11 @@ def _read_labels(data: Path, branch: str) -> tuple[list[str] | None, dict[str, s
         pairs = _load_plain_pickle(name_file, "scCello cell-type name map")
         if isinstance(pairs, dict):
             pairs = pairs.items()
-        for name, clid in pairs:  # type: ignore[union-attr]
+        if not isinstance(pairs, set | frozenset | list | tuple | type({}.items())) or not all(
+            isinstance(p, tuple | list) and len(p) == 2 for p in pairs
+        ):
+            raise CheckpointFormatError(f"{str(name_file)!r} does not hold (name, CL id) pairs.")
+        for name, clid in pairs:
             names[str(clid)] = str(name)
     return label_clids, names
 
@@ -306,6 +422,8 @@ def _read_taxonomy_names(path: Path) -> dict[str, str]:
         entries = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointFormatError(f"{str(path)!r} is not valid JSON ({err}).") from None
+    if not isinstance(entries, list):
+        raise CheckpointFormatError(f"{str(path)!r} does not hold a list of Cell Taxonomy entries.")
     clid2name: dict[str, str] = {}
     for entry in entries:
         if isinstance(entry, dict) and "id" in entry and "name" in entry:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidInputError
-from scfm.io._common import load_torch_file, resolve_local_path
+from scfm.io._common import Release, load_torch_file, resolve_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -87,26 +87,47 @@ def read_scfoundation_gene_list(path: str | os.PathLike | None = None) -> list[s
     Raises
     ------
     CheckpointFormatError
-        If the file lacks the ``gene_name`` / ``index`` columns or the index is not
-        ``0..n-1``.
+        If the file is not a tab-separated table with ``gene_name`` / ``index`` columns,
+        the index is not ``0..n-1`` or a gene name is empty or repeated.
     """
     if path is None:
         ref = resources.files("scfm.data") / "resources" / "scfoundation" / GENE_LIST_NAME
-        with ref.open("r") as fh:
-            table = pd.read_csv(fh, sep="\t", dtype={"gene_name": str})
         where = f"the shipped {GENE_LIST_NAME}"
+        with ref.open("r") as fh:
+            table = _read_gene_table(fh, where)
     else:
-        table = pd.read_csv(path, sep="\t", dtype={"gene_name": str})
         where = str(path)
+        table = _read_gene_table(resolve_local_path(path, what="gene list"), where)
     if not {"gene_name", "index"} <= set(table.columns):
         raise CheckpointFormatError(
             f"{where} has columns {list(table.columns)}; 'gene_name' and 'index' are "
             f"expected (tab-separated). Pass the {GENE_LIST_NAME} of the scFoundation release."
         )
-    table = table.sort_values("index")
-    if not (table["index"].to_numpy() == range(len(table))).all():
-        raise CheckpointFormatError(f"The 'index' column of {where} is not 0..{len(table) - 1}.")
-    return table["gene_name"].tolist()
+    index = pd.to_numeric(table["index"], errors="coerce")
+    if len(table) == 0 or sorted(index.tolist()) != list(range(len(table))):
+        raise CheckpointFormatError(
+            f"The 'index' column of {where} is not a permutation of 0..{len(table) - 1} "
+            "(missing, repeated or non-integer gene indices)."
+        )
+    names = table["gene_name"].iloc[index.to_numpy().argsort()].fillna("").astype(str)
+    empty = int((names.str.strip() == "").sum())
+    repeated = names[names.duplicated()].unique().tolist()
+    if empty or repeated:
+        detail = f"{empty} empty gene names" if empty else f"repeated genes {repeated[:5]}"
+        raise CheckpointFormatError(
+            f"{where} has {detail}; every gene of the list must be named once."
+        )
+    return names.tolist()
+
+
+def _read_gene_table(source: Any, where: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(source, sep="\t", dtype={"gene_name": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise CheckpointFormatError(
+            f"{where} cannot be read as a tab-separated gene list ({err}). Pass the "
+            f"{GENE_LIST_NAME} of the scFoundation release."
+        ) from None
 
 
 def flatten_scfoundation_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,12 +135,32 @@ def flatten_scfoundation_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     ``config['model_config'][config['model']]`` first, then ``config['dataset_config']['rnaseq']``
     (which overrides), plus ``model_type``. An already flat config is returned as a copy.
+
+    Raises
+    ------
+    CheckpointFormatError
+        If a level of the nested config is not a dict.
     """
+    if not isinstance(config, Mapping):
+        raise CheckpointFormatError(
+            f"The scFoundation config is a {type(config).__name__}, not a dict."
+        )
     if "model_config" not in config:
         return dict(config)
     name = config.get("model", "mae_autobin")
-    flat = dict(config["model_config"][name])
-    flat.update(config.get("dataset_config", {}).get("rnaseq", {}))
+    model_config = config["model_config"]
+    if not isinstance(model_config, Mapping) or not isinstance(model_config.get(name), Mapping):
+        raise CheckpointFormatError(
+            f"The scFoundation config has no dict 'model_config'[{name!r}] (the architecture)."
+        )
+    dataset = config.get("dataset_config", {})
+    rnaseq = dataset.get("rnaseq", {}) if isinstance(dataset, Mapping) else None
+    if not isinstance(rnaseq, Mapping):
+        raise CheckpointFormatError(
+            "The scFoundation config key 'dataset_config'['rnaseq'] is not a dict."
+        )
+    flat = dict(model_config[name])
+    flat.update(rnaseq)
     flat["model_type"] = name
     return flat
 
@@ -131,23 +172,28 @@ def _strip_prefix(key: str) -> str:
 
 def read_scfoundation_checkpoint(
     path: str | os.PathLike, weights: str = "cell", *, trust_checkpoint: bool = False
-) -> dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-    """Read the released ``models.ckpt``.
+) -> Release:
+    """Read one of the three models of the released ``models.ckpt`` and its gene list.
+
+    Only the requested model is kept: the other two are dropped as soon as the file is
+    read.
 
     Parameters
     ----------
     path
-        The ``models.ckpt`` file.
+        The ``models.ckpt`` file, or a folder holding ``models/models.ckpt`` or
+        ``models.ckpt`` (see :func:`resolve_scfoundation_files`).
     weights
-        The model to check for (``"cell"``, ``"rde"`` or ``"gene"``); all models present
-        are returned.
+        ``"cell"`` (cell embeddings), ``"rde"`` (read-depth enhancement) or ``"gene"``
+        (gene embeddings, decoded expression).
     trust_checkpoint
         Allow full unpickling if safe ``weights_only=True`` loading refuses the file.
 
     Returns
     -------
-    ``{name: (flattened config, state dict with the "model." prefix stripped)}`` for every
-    model in the file.
+    :class:`~scfm.io._common.Release`: the flattened config, the state dict with the
+    ``model.`` prefix stripped, the gene symbols (``vocabulary``) and the files read
+    (``"weights"``, and ``"genes"`` when the gene list came from the release folder).
 
     Raises
     ------
@@ -161,31 +207,42 @@ def read_scfoundation_checkpoint(
             f"weights={weights!r} is not a scFoundation model; use one of "
             f"{', '.join(map(repr, SCFOUNDATION_WEIGHTS))}."
         )
-    obj = load_torch_file(path, trust_checkpoint=trust_checkpoint)
+    ckpt, gene_file = resolve_scfoundation_files(path)
+    obj = load_torch_file(ckpt, trust_checkpoint=trust_checkpoint)
     if not isinstance(obj, Mapping) or not any(k in obj for k in SCFOUNDATION_WEIGHTS):
         keys = (
             f" with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping) else ""
         )
         raise CheckpointFormatError(
-            f"{str(path)!r} is not a scFoundation models.ckpt: expected a dict with the keys "
+            f"{str(ckpt)!r} is not a scFoundation models.ckpt: expected a dict with the keys "
             f"'cell', 'rde', 'gene', got {type(obj).__name__}{keys}."
         )
     if weights not in obj:
         raise CheckpointFormatError(
-            f"{str(path)!r} has no {weights!r} model (it holds {', '.join(map(repr, obj))}). "
-            "Pass weights= one of those."
+            f"{str(ckpt)!r} has no {weights!r} model (it holds "
+            f"{', '.join(map(repr, obj))}). Pass weights= one of those."
         )
-    out = {}
-    for name in SCFOUNDATION_WEIGHTS:
-        entry = obj.get(name)
-        if entry is None:
-            continue
-        if not isinstance(entry, Mapping) or "state_dict" not in entry or "config" not in entry:
-            raise CheckpointFormatError(
-                f"The {name!r} entry of {str(path)!r} lacks 'config' / 'state_dict'; the file "
-                "is not a scFoundation release checkpoint."
-            )
-        state = {_strip_prefix(k): v for k, v in entry["state_dict"].items()}
-        out[name] = (flatten_scfoundation_config(entry["config"]), state)
-    logger.info("Read scFoundation models %s from %s", ", ".join(out), path)
-    return out
+    entry = obj[weights]
+    del obj  # the two other models are not kept
+    if not isinstance(entry, Mapping) or "state_dict" not in entry or "config" not in entry:
+        raise CheckpointFormatError(
+            f"The {weights!r} entry of {str(ckpt)!r} lacks 'config' / 'state_dict'; the file "
+            "is not a scFoundation release checkpoint."
+        )
+    raw_state = entry["state_dict"]
+    if not isinstance(raw_state, Mapping) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in raw_state.items()
+    ):
+        raise CheckpointFormatError(
+            f"The {weights!r} state_dict of {str(ckpt)!r} is not a mapping of names to tensors."
+        )
+    state = {_strip_prefix(k): v for k, v in raw_state.items()}
+    genes = read_scfoundation_gene_list(gene_file)
+    files = {"weights": ckpt} if gene_file is None else {"weights": ckpt, "genes": gene_file}
+    logger.info("Read the scFoundation %r model from %s", weights, ckpt)
+    return Release(
+        config=flatten_scfoundation_config(entry["config"]),
+        state_dict=state,
+        vocabulary=genes,
+        files=files,
+    )

@@ -2,83 +2,88 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from scfm.data._genes import align_genes
-from scfm.data._ontology import CellOntology, load_cell_ontology
-from scfm.errors import AnnDataKeyError, InvalidInputError, OntologyError
-from scfm.model.base import FoundationModelMixin
+from scfm.data._genes import GeneAlignment, align_genes
+from scfm.data._loader import CELL_INDEX_KEY, CellDataset, make_loader
+from scfm.data._ontology import (
+    CellOntology,
+    label_indices,
+    load_cell_ontology,
+    lookup_cell_type_ids,
+)
+from scfm.errors import AnnDataKeyError, InvalidInputError
+from scfm.io._common import load_state_dict_strict
+from scfm.io._sccello import read_sccello_release, sccello_vocabulary
+from scfm.model.base import FoundationModelMixin, scfm_dsp
 from scfm.module._sccello import N_PROTOTYPES, ScCelloConfig, ScCelloModule
 
-logger = logging.getLogger(__name__)
-
 __all__ = ["ScCello"]
-
-Representation = Literal["cls", "cell_cls", "cell_cls_normalized", "prototype_scores"]
 
 #: CELLxGENE column holding Cell Ontology ids, scCello's pretraining labels.
 CELL_TYPE_KEY = "cell_type_ontology_term_id"
 #: ``adata.var`` column the reference reads Ensembl ids from when present.
 ENSEMBL_IDS_KEY = "ensembl_ids"
-_TOKENS = ("<pad>", "<mask>", "<cls>")
 
 
 class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """scCello: a Geneformer-style BERT pretrained with Cell Ontology guidance :cite:p:`Yuan2024`.
 
-    Cells are tokenised on the fly from raw counts: ``<cls>`` followed by the expressed
-    in-vocabulary genes ordered by (count / in-vocabulary total x 10,000) / gene median,
-    truncated to ``max_position_embeddings`` tokens. The zero-shot cell embedding is the last
-    layer's ``<cls>`` state. Pretraining (:meth:`train`) optimises masked gene prediction,
-    cell-type coherence (+ regulariser) against learned prototypes and ontology relational
-    alignment, with cell types read from ``adata.obs["cell_type_ontology_term_id"]``.
+    Cells are tokenised on the fly from raw counts: ``<cls>`` and the expressed vocabulary
+    genes by decreasing (count / vocabulary total x 10,000) / gene median, truncated to
+    ``max_position_embeddings`` tokens. The zero-shot embedding is the last layer's ``<cls>``
+    state. :meth:`train` optimises masked gene prediction, cell-type coherence (+ regulariser)
+    against learned prototypes and ontology relational alignment, with cell types from
+    ``adata.obs["cell_type_ontology_term_id"]``; :meth:`finetune` trains the reference's
+    linear probe (dropout + linear) on the last ``<cls>`` state.
 
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`; genes as Ensembl ids (symbols are
-        converted with GENCODE v48).
+        AnnData registered with :meth:`setup_anndata`.
     config
-        Architecture: a dict of :class:`~scfm.module._sccello.ScCelloConfig` fields (HF
-        ``config.json`` names); ``None`` uses the release's (6 layers, 4 heads, 256 hidden,
-        512 intermediate, relu, 2048 input, tau 0.01). ``vocab_size`` follows the vocabulary.
-    token_dictionary
-        Token name -> id with ``<pad>`` = 0, ``<mask>`` = 1 and ``<cls>``; ``None`` uses the
-        Geneformer V1 dictionary shipped with scfm (scCello's vocabulary) plus ``<cls>``.
-    gene_medians
-        Ensembl id -> non-zero median; ``None`` uses the shipped Geneformer V1 medians.
+        :class:`~scfm.module._sccello.ScCelloConfig` fields (HF ``config.json`` names);
+        ``None`` uses the release's (6 layers, 4 heads, 256 hidden, 512 intermediate, relu,
+        2048 input, tau 0.01). ``vocab_size`` follows the vocabulary.
+    token_dictionary, gene_medians
+        Token name -> id (``<pad>`` = 0, ``<mask>`` = 1, ``<cls>`` appended if absent) and
+        Ensembl id -> non-zero median; ``None`` uses the Geneformer V1 files shipped with
+        scfm (scCello's vocabulary).
     label_clids
-        CL id of each pretraining cell type (position = prototype index). ``None``: the CL ids
-        of the registered labels column, sorted (for pretraining from scratch).
+        CL id of each pretraining cell type (position = prototype index); ``None``: the sorted
+        CL ids of the registered labels column (pretraining from scratch).
     n_labels
-        Number of pretraining cell types when ``label_clids`` is unknown (release without label
-        map); ignored otherwise.
-    cell_type_names
-        CL id -> name of the pretraining cell types (used in outputs).
-    taxonomy_names
-        Lower-cased cell-type name -> CL id (the reference's Cell Taxonomy lookup), consulted
-        before the ontology labels when names are given.
+        Number of pretraining cell types when ``label_clids`` is unknown.
+    cell_type_names, taxonomy_names
+        CL id -> name of the pretraining types; lower-cased name -> CL id (the release's Cell
+        Taxonomy lookup).
     ontology
         Cell Ontology file (``cl.owl`` or cellxgene-ontology-guide JSON); ``None`` uses the CL
         release bundled with scfm.
     compute_ontology_buffers
-        Build ``ctgraph_sim`` / ``cell_type_ancestor_mask`` from ``ontology`` (pretraining
-        from scratch). ``False`` when they come from a checkpoint.
-    n_prototypes
-        Rows of ``learned_centroid`` (600 in the release).
-    mlm_probability
-        Fraction of gene tokens masked in pretraining (0.15).
+        Build ``ctgraph_sim`` / ``cell_type_ancestor_mask`` from ``ontology`` (``False`` when
+        a checkpoint holds them).
+    n_prototypes, mlm_probability
+        Rows of ``learned_centroid`` (600) and share of gene tokens masked in pretraining.
+
+    Notes
+    -----
+    Options of :meth:`get_latent_representation` / :meth:`embed`: ``hidden_layer`` (``-1``
+    last layer, ``0`` embedding output) and ``representation``: ``"cls"`` (default: zero-shot
+    embedding for clustering and integration), ``"cell_cls"`` (the ``cell_cls`` head on it:
+    novel cell types), ``"cell_cls_normalized"`` (L2-normalised: drug response) or
+    ``"prototype_scores"`` (cosine / tau to each pretraining prototype). Gene embeddings
+    average each gene's ``hidden_layer`` token states.
 
     Examples
     --------
@@ -88,8 +93,9 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _model_name = "sccello"
-    _default_batch_size = 16
-    _has_gene_embeddings = True
+    _default_batch_size = 16  # the reference's evaluation batch
+    _requires_counts = True
+    _sort_by_length = True
 
     def __init__(
         self,
@@ -107,73 +113,38 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         mlm_probability: float = 0.15,
     ) -> None:
         super().__init__(adata)
-        if token_dictionary is None or gene_medians is None:
-            from scfm.data._geneformer_tokenizer import load_geneformer_dictionaries
-
-            shipped = load_geneformer_dictionaries(version="V1")
-            token_dictionary = token_dictionary or dict(shipped.token_dictionary)
-            gene_medians = gene_medians or dict(shipped.gene_median_dictionary)
-        tokens = {str(k): int(v) for k, v in token_dictionary.items()}
-        if "<cls>" not in tokens:
-            tokens["<cls>"] = len(tokens)
-        missing = [t for t in _TOKENS if t not in tokens]
-        if missing:
-            raise InvalidInputError(f"The token dictionary lacks {missing}; scCello needs them.")
-        self.token_dictionary = tokens
+        self._vocab = sccello_vocabulary(token_dictionary, gene_medians)
         self.ontology_path = ontology
         self.cell_type_names = dict(cell_type_names or {})
         self.taxonomy_names = {str(k).lower(): str(v) for k, v in (taxonomy_names or {}).items()}
-
-        cfg = ScCelloConfig.from_dict(config or {})
-        cfg.vocab_size = max(tokens.values()) + 1
-        # genes: the vocabulary restricted to genes with a median (the reference drops others)
-        vocab = {g: i for g, i in tokens.items() if g in gene_medians}
-        alignment = align_genes(
-            adata.var,
-            vocab,
-            id_type="ensembl",
-            gene_id_key=self.setup_args.get("gene_id_key"),
-            model_name="scCello",
-        )
-        token_ids = alignment.var_to_vocab()
-        names = self._vocab_names()
-        medians = np.array(
-            [gene_medians[names[t]] if t >= 0 else np.nan for t in token_ids], dtype=np.float64
-        )
-
-        codes = self._label_categories()
+        cfg = ScCelloConfig.from_dict({**(config or {}), "vocab_size": len(self.vocabulary)})
         if label_clids is None and n_labels is None:
-            if codes is None:
+            key = self.setup_args.get("labels_key")
+            if key is None:
                 raise InvalidInputError(
                     "A new scCello model needs cell types: register them with "
                     f"setup_anndata(adata, labels_key={CELL_TYPE_KEY!r}) or pass label_clids."
                 )
-            label_clids = sorted({str(c) for c in codes})
+            label_clids = sorted({str(c) for c in adata.obs[key].astype(str)})
         self.label_clids = None if label_clids is None else [str(c) for c in label_clids]
-        n = len(self.label_clids) if self.label_clids is not None else int(n_labels or 0)
-        label_of_code = None
-        if codes is not None and self.label_clids is not None:
-            index = {c: i for i, c in enumerate(self.label_clids)}
-            label_of_code = np.array([index.get(str(c), -1) for c in codes], dtype=np.int64)
-
+        tokens = self._vocab.token_dictionary
         self.module = ScCelloModule(
-            cfg.to_dict(),
-            token_ids,
-            medians,
-            n_labels=n,
+            cfg,
+            self._vocab.medians_by_token(),
+            n_labels=len(self.label_clids) if self.label_clids is not None else int(n_labels),
             cls_token_id=tokens["<cls>"],
             mask_token_id=tokens["<mask>"],
-            label_of_code=label_of_code,
             n_prototypes=n_prototypes,
             mlm_probability=mlm_probability,
         )
         if compute_ontology_buffers and self.label_clids is not None:
-            self._compute_ontology_buffers()
-        self._set_gene_alignment(adata, alignment)
+            levels, mask = self.ontology.sccello_buffers(self.label_clids)
+            self.module.ctgraph_sim.copy_(torch.as_tensor(levels))
+            self.module.cell_type_ancestor_mask.copy_(torch.as_tensor(mask))
         self.init_params_ = self._get_init_params(locals())
 
-    # ------------------------------------------------------------------ setup
     @classmethod
+    @scfm_dsp.dedent
     def setup_anndata(
         cls,
         adata: ad.AnnData,
@@ -181,6 +152,8 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_key: str | None = None,
         labels_key: str | None = CELL_TYPE_KEY,
         gene_id_key: str | None = None,
+        allow_non_integer: bool = False,
+        check_gene_overlap: bool = True,
         **kwargs: Any,
     ) -> None:
         """Register an AnnData of raw counts with scCello.
@@ -189,17 +162,16 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             AnnData of raw counts (cells x genes).
-        layer
-            Layer holding the raw counts; ``None`` uses ``adata.X``.
-        batch_key
-            Categorical ``adata.obs`` column with the batch of each cell.
+        %(param_layer)s
+        %(param_batch_key)s
         labels_key
-            ``adata.obs`` column of Cell Ontology ids (pretraining labels). The default
-            ``"cell_type_ontology_term_id"`` (CELLxGENE) is used when present and skipped
-            otherwise (embeddings need no labels).
+            ``adata.obs`` column of Cell Ontology ids (pretraining labels); the default
+            (CELLxGENE's) is skipped when absent (embeddings need no labels).
         gene_id_key
-            ``adata.var`` column with Ensembl ids; ``None`` uses the column ``"ensembl_ids"``
-            when present (as the reference does), else ``adata.var_names``.
+            ``adata.var`` column with gene ids; ``None`` uses ``"ensembl_ids"`` when present
+            (as the reference), else ``adata.var_names``. Symbols are converted with GENCODE.
+        %(param_allow_non_integer)s
+        %(param_check_gene_overlap)s
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
@@ -207,75 +179,78 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             labels_key = None
         if gene_id_key is None and ENSEMBL_IDS_KEY in adata.var.columns:
             gene_id_key = ENSEMBL_IDS_KEY
-        super().setup_anndata(
+        setup_method_args = cls._get_setup_method_args(**locals())
+        cls._register_anndata(
             adata,
+            setup_method_args,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
             gene_id_key=gene_id_key,
+            allow_non_integer=allow_non_integer,
+            check_gene_overlap=check_gene_overlap,
             **kwargs,
         )
 
-    def _label_categories(self) -> np.ndarray | None:
-        if self.setup_args.get("labels_key") is None:
-            return None
-        state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
-        return np.asarray(state.categorical_mapping).astype(str)
+    # ------------------------------------------------------------------ genes and cell types
+    @property
+    def vocabulary(self) -> pd.Index:
+        """Token names in token-id order (the module's input columns), specials included."""
+        return pd.Index(self._vocab.names, name="gene_id")
 
-    # ------------------------------------------------------------------ ontology
+    def _align_genes(self, adata: ad.AnnData) -> GeneAlignment:
+        # Ensembl ids match whatever their case or version suffix (a mostly-Ensembl
+        # var_names keeps all of them); symbol var_names are converted with GENCODE. Genes
+        # without a median are dropped, as in the reference.
+        medians = self._vocab.gene_medians
+        genes = {g: t for g, t in self._vocab.token_dictionary.items() if g in medians}
+        return align_genes(
+            adata.var,
+            genes,
+            id_type="ensembl",
+            gene_id_key=self._setup_args_of(adata).get("gene_id_key"),
+            model_name="scCello",
+        )
+
     @cached_property
     def ontology(self) -> CellOntology:
         """The Cell Ontology graph (the release's ``cl.owl`` or the bundled CL release)."""
         return load_cell_ontology(self.ontology_path)
 
-    def _compute_ontology_buffers(self) -> None:
-        clids = self.label_clids or []
-        unknown = [c for c in clids if c not in self.ontology]
-        if unknown:
-            raise OntologyError(
-                f"{len(unknown)} cell-type ids are not in the cell ontology "
-                f"({self.ontology.source}): {', '.join(unknown[:5])}. Labels must be Cell "
-                f"Ontology ids as in CELLxGENE's obs[{CELL_TYPE_KEY!r}] (e.g. CL:0000236): "
-                "fix or drop those cells, or pass ontology=<cl.owl or CL json>."
-            )
-        levels = self.ontology.similarity_levels(clids)
-        mask = self.ontology.ancestor_mask(clids)
-        self.module.ctgraph_sim.copy_(torch.as_tensor(levels))
-        self.module.cell_type_ancestor_mask.copy_(torch.as_tensor(mask))
-
     def lookup_cell_types(self, names: Sequence[str]) -> list[str]:
-        """CL ids of cell-type names or ids.
+        """CL ids of cell-type ids or names (Cell Taxonomy, pretraining, then ontology names).
 
-        CL ids pass through; names are matched case-insensitively against the release's Cell
-        Taxonomy names (the reference's lookup), then the pretraining label names, then the
-        ontology labels.
-
-        Raises
-        ------
-        OntologyError
-            Naming every entry that matches nothing.
+        Raises :class:`~scfm.errors.OntologyError` naming every entry that matches nothing.
         """
-        by_label = {v.lower(): k for k, v in self.cell_type_names.items()}
-        out, unknown = [], []
-        for name in names:
-            key = str(name).strip()
-            if key.replace("_", ":").startswith("CL:"):
-                clid = key.replace("_", ":")
-            else:
-                clid = self.taxonomy_names.get(key.lower()) or by_label.get(key.lower())
-                if clid is None:
-                    clid = self.ontology.lookup([key])[0]
-            if clid is None:
-                unknown.append(key)
-            out.append(clid)
-        if unknown:
-            raise OntologyError(
-                f"No Cell Ontology id found for {unknown}. Pass CL ids (e.g. 'CL:0000236') or "
-                "names as spelled in the Cell Ontology."
-            )
-        return out
+        return lookup_cell_type_ids(
+            names,
+            self.ontology,
+            taxonomy_names=self.taxonomy_names,
+            label_names=self.cell_type_names,
+        )
 
-    # ------------------------------------------------------------------ loading
+    def _cell_types(self, adata: ad.AnnData, cells: np.ndarray | None = None) -> np.ndarray:
+        # Read from adata.obs (not scvi's category codes): any AnnData whose cells carry the
+        # model's CL ids works, and unknown ids raise before any heavy work.
+        return self._cell_types_of(adata.obs, self._setup_args_of(adata).get("labels_key"), cells)
+
+    def _streamed_plan(self, obs: pd.DataFrame, task: str) -> dict[str, np.ndarray]:
+        key = self.setup_args.get("labels_key")
+        return {"cell_type": self._cell_types_of(obs, key)} if task == "train" else {}
+
+    def _cell_types_of(
+        self, obs: pd.DataFrame, key: str | None, cells: np.ndarray | None = None
+    ) -> np.ndarray:
+        if key is None or key not in obs.columns or self.label_clids is None:
+            raise AnnDataKeyError(
+                "The scCello losses need cell types: call setup_anndata with "
+                f"labels_key={CELL_TYPE_KEY!r} (a column of Cell Ontology ids)."
+            )
+        values = obs[key].astype(str).to_numpy()
+        values = values if cells is None else values[cells]
+        return label_indices(values, self.label_clids, self.ontology, column=key)
+
+    # ------------------------------------------------------------------ hooks
     @classmethod
     def _from_pretrained(
         cls,
@@ -286,135 +261,55 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ontology: str | None = None,
         trust_checkpoint: bool = False,
     ) -> ScCello:
-        """Read an scCello release directory and load its weights strictly.
+        """Read an HF release directory and load its weights strictly.
 
-        Parameters
-        ----------
-        path
-            HF directory (``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``).
-        adata
-            Registered AnnData.
-        data_dir
-            The reference repository's ``data/`` folder (vocabulary, medians, label maps,
-            ``cl.owl``); default ``<path>/data``.
-        ontology
-            Cell Ontology file overriding the release's ``cl.owl`` (default: the release's,
-            else the CL release bundled with scfm).
-        trust_checkpoint
-            Allow full unpickling of a ``.bin`` that safe loading refuses.
+        The directory holds ``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``.
+        Options: ``data_dir``, the reference repository's ``data/`` folder (vocabulary,
+        medians, label maps, ``cl.owl``; default ``<path>/data``); ``ontology``, a Cell
+        Ontology file overriding the release's ``cl.owl``; ``trust_checkpoint``.
         """
-        from scfm.io._common import load_state_dict_strict
-        from scfm.io._sccello import read_sccello_release
-
         release = read_sccello_release(path, data_dir=data_dir, trust_checkpoint=trust_checkpoint)
         state = release.state_dict
-        n_labels = int(state["ctgraph_sim"].shape[0]) if "ctgraph_sim" in state else None
-        n_proto = state.get("learned_centroid.weight")
+        # the config is checked against the weight shapes before anything is allocated
+        n_tokens = len(release.vocabulary.token_dictionary)
+        config = ScCelloConfig.from_dict(
+            {"vocab_size": n_tokens, **release.config}, what=str(release.files["config"])
+        )
+        config.check_weights(state, what=str(release.files["config"]))
         model = cls(
             adata,
-            config=ScCelloConfig.from_dict(release.config).to_dict(),
-            token_dictionary=release.token_dictionary,
-            gene_medians=release.gene_medians,
+            config=config.to_dict(),
+            token_dictionary=release.vocabulary.token_dictionary,
+            gene_medians=release.vocabulary.gene_medians,
             label_clids=release.label_clids,
-            n_labels=n_labels,
+            n_labels=int(state["ctgraph_sim"].shape[0]) if "ctgraph_sim" in state else 0,
             cell_type_names=release.cell_type_names,
             taxonomy_names=release.taxonomy_names,
             ontology=ontology or release.ontology_path,
             compute_ontology_buffers=False,
-            n_prototypes=N_PROTOTYPES if n_proto is None else int(n_proto.shape[0]),
+            n_prototypes=len(state.get("learned_centroid.weight", [0] * N_PROTOTYPES)),
         )
         load_state_dict_strict(model.module, state, what=str(path))
         return model
 
-    # ------------------------------------------------------------------ minibatches
-    def _length_columns(self) -> np.ndarray:
-        # Cells of similar length share a minibatch so that little padding is computed.
-        return np.flatnonzero(self.module.gene_token_ids.cpu().numpy() >= 0)
+    def _inference_kwargs(self, task: str, **options: Any) -> dict[str, Any]:
+        return self.module.check_options(task, **options)
 
-    # ------------------------------------------------------------------ embeddings
-    def get_latent_representation(
-        self,
-        adata: ad.AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        *,
-        representation: Representation = "cls",
-        layer: int = -1,
-        progress_bar: bool = True,
-    ) -> np.ndarray:
-        """Cell embeddings as the reference defines them.
+    def _cell_plan(
+        self, adata: ad.AnnData, cells: np.ndarray, task: str, **options: Any
+    ) -> dict[str, np.ndarray]:
+        # Pretraining needs each cell's pretraining type (rides in the minibatch).
+        return {"cell_type": self._cell_types(adata, cells)} if task == "train" else {}
 
-        Parameters
-        ----------
-        adata
-            AnnData set up like the model's; ``None`` uses the model's AnnData.
-        indices
-            Cells to embed; ``None`` embeds all.
-        batch_size
-            Cells per minibatch (default 16, the reference's evaluation batch).
-        representation
-            ``"cls"`` (default): the ``<cls>`` hidden state, scCello's zero-shot embedding for
-            clustering and batch integration. ``"cell_cls"``: the ``cell_cls`` head applied to
-            it (novel cell types). ``"cell_cls_normalized"``: that, L2-normalised (cancer drug
-            response). ``"prototype_scores"``: cosine / tau against every pretraining
-            cell-type prototype (``[n, n_labels]``).
-        layer
-            Hidden state whose ``<cls>`` is used: ``-1`` the last layer (reference), ``0`` the
-            embedding output, ``i`` the output of layer ``i``.
-        progress_bar
-            Show a progress bar.
-
-        Returns
-        -------
-        Array ``(n_cells, hidden_size)`` (``(n_cells, n_labels)`` for prototype scores).
-        """
-        if representation not in ("cls", "cell_cls", "cell_cls_normalized", "prototype_scores"):
-            raise InvalidInputError(
-                f"representation={representation!r} is not supported; use 'cls', 'cell_cls', "
-                "'cell_cls_normalized' or 'prototype_scores'."
-            )
-        n = self.module.n_layers + 1
-        if not -n <= layer < n:
-            raise InvalidInputError(f"layer={layer} is out of range for {n - 1} layers.")
-        return super().get_latent_representation(
-            adata,
-            indices,
-            batch_size,
-            progress_bar=progress_bar,
-            representation=representation,
-            layer=layer,
+    # ------------------------------------------------------------------ extras
+    def _loader(self, call: Any):  # the call's minibatches, without a forward pass
+        check = self._value_check(call.adata)
+        return make_loader(
+            CellDataset(call.manager, call.cells, call.space, call.plan, check=check), call.groups
         )
 
-    def _latent_minibatch(
-        self, tensors: dict[str, torch.Tensor], representation: str = "cls", layer: int = -1
-    ) -> torch.Tensor:
-        x = tensors[REGISTRY_KEYS.X_KEY].to(self.device)
-        h = self.module.cls_states(x)[:, layer]
-        if representation == "cls":
-            return h
-        if representation == "prototype_scores":
-            return self.module.prototype_scores(self.module.cell_representation(h))
-        h = self.module.cell_cls(h)
-        return F.normalize(h, p=2, dim=-1) if representation == "cell_cls_normalized" else h
-
-    def _gene_embedding_minibatch(
-        self, tensors: dict[str, torch.Tensor], **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = tensors[REGISTRY_KEYS.X_KEY].to(self.device)
-        ids, lengths = self.module.tokenize(x)
-        hidden = self.module.encode(ids, lengths).last_hidden_state
-        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        keep = real & ~self.module.special_tokens[ids]
-        return ids[keep], hidden[keep]
-
-    def _vocab_names(self) -> list[str]:
-        names = [""] * (max(self.token_dictionary.values()) + 1)
-        for k, v in self.token_dictionary.items():
-            names[v] = k
-        return names
-
-    # ------------------------------------------------------------------ tokens and losses
     @torch.inference_mode()
+    @scfm_dsp.dedent
     def get_tokens(
         self,
         adata: ad.AnnData | None = None,
@@ -423,85 +318,44 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ) -> tuple[np.ndarray, np.ndarray]:
         """The model's input tokens: ``<cls>`` + genes ranked by median-normalised expression.
 
-        Returns
-        -------
-        input_ids
-            ``(n_cells, L)`` int64, right-padded with ``<pad>`` (0) to the longest cell.
-        lengths
-            ``(n_cells,)`` tokens per cell, ``<cls>`` included.
-        """
-        adata = self._validate_anndata(adata)
-        cells, inverse = self._resolve_indices(adata, indices)
-        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for positions, tensors in self._iterate(adata, cells, batch_size, "tokens", False):
-            ids, lengths = self.module.tokenize(tensors[REGISTRY_KEYS.X_KEY].to(self.device))
-            chunks.append((positions, ids.cpu().numpy(), lengths.cpu().numpy()))
-        width = max(c[1].shape[1] for c in chunks)
-        out = np.zeros((len(cells), width), dtype=np.int64)
-        lens = np.zeros(len(cells), dtype=np.int64)
-        for positions, ids, lengths in chunks:
-            out[positions, : ids.shape[1]] = ids
-            lens[positions] = lengths
-        return out[inverse], lens[inverse]
-
-    def _cell_types(self, adata: ad.AnnData) -> np.ndarray:
-        """Pretraining cell-type index of every cell, from the registered labels column.
-
-        Read from ``adata.obs`` directly (not scvi's category codes), so any AnnData whose
-        cells carry the model's CL ids works; unknown ids raise before any heavy work.
-        """
-        key = self.setup_args.get("labels_key")
-        if key is None or self.label_clids is None:
-            raise InvalidInputError(
-                "The scCello losses need cell types: call setup_anndata with "
-                f"labels_key={CELL_TYPE_KEY!r} (Cell Ontology ids)."
-            )
-        if key not in adata.obs.columns:
-            raise AnnDataKeyError(
-                f"adata.obs has no column {key!r} with the cell types the model was set up with."
-            )
-        values = adata.obs[key].astype(str).str.replace("_", ":", regex=False).to_numpy()
-        index = {c: i for i, c in enumerate(self.label_clids)}
-        out = np.array([index.get(v, -1) for v in values], dtype=np.int64)
-        bad = sorted(set(values[out < 0]))
-        if bad:
-            in_ontology = [c for c in bad if c in self.ontology]
-            hint = (
-                "None of them is a Cell Ontology id"
-                if not in_ontology
-                else f"{len(in_ontology)} are Cell Ontology ids but not among the model's "
-                f"{len(self.label_clids)} pretraining cell types"
-            )
-            raise OntologyError(
-                f"{len(bad)} cell types in obs[{key!r}] are unknown to the model: "
-                f"{', '.join(bad[:5])}. {hint}. Use CL ids of the model's cell types "
-                "(model.label_clids) or drop those cells."
-            )
-        return out
-
-    def train(self, max_epochs: int | None = None, batch_size: int = 12, **kwargs: Any) -> None:
-        """Pretrain with scCello's four losses through scvi-tools / Lightning.
-
         Parameters
         ----------
-        max_epochs
-            Passes over the data (default: scvi-tools' heuristic).
-        batch_size
-            Cells per minibatch (the reference: 12 per device). The relational alignment
-            loss contrasts the cells of a minibatch, so it needs several cell types per batch.
-        **kwargs
-            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (``plan_kwargs``
-            defaults to AdamW, lr 1e-3, weight decay 1e-3 as the reference).
+        %(param_adata)s
+        %(param_indices)s
+        %(param_batch_size)s
+
+        Returns
+        -------
+        ``input_ids`` ``(n_cells, L)`` int64 right-padded with ``<pad>`` (0) to the longest
+        cell, and ``lengths`` ``(n_cells,)``, the tokens per cell with ``<cls>``.
         """
-        self._cell_types(self.adata)  # fail early on unknown labels
+        call = self._prepare(adata, indices, batch_size, "tokens", {})
+        ids = np.zeros((len(call.cells), 1), dtype=np.int64)
+        lengths = np.zeros(len(call.cells), dtype=np.int64)
+        for tensors in self._loader(call):
+            batch_ids, batch_lengths = self.module.tokenize(
+                tensors[REGISTRY_KEYS.X_KEY].to(self.device)
+            )
+            positions = tensors[CELL_INDEX_KEY].numpy()
+            ids = np.pad(ids, ((0, 0), (0, max(0, batch_ids.shape[1] - ids.shape[1]))))
+            ids[positions, : batch_ids.shape[1]] = batch_ids.cpu().numpy()
+            lengths[positions] = batch_lengths.cpu().numpy()
+        return ids[call.inverse], lengths[call.inverse]
+
+    def train(self, max_epochs: int | None = None, batch_size: int = 12, **kwargs: Any) -> None:
+        """Pretrain with scCello's four losses (the base :meth:`train`, reference defaults).
+
+        ``batch_size`` 12 (relational alignment contrasts the cells of a minibatch, so it
+        needs several cell types per batch); ``plan_kwargs`` AdamW, lr 1e-3, weight decay 1e-3.
+        """
+        self._cell_types(self.adata)
         plan_kwargs = {"optimizer": "AdamW", "lr": 1e-3, "weight_decay": 1e-3}
         plan_kwargs.update(kwargs.pop("plan_kwargs", None) or {})
-        # The base runs this in training mode: dropout also makes the two passes of the
-        # relational alignment differ, as in the reference.
         super().train(
             max_epochs=max_epochs, batch_size=batch_size, plan_kwargs=plan_kwargs, **kwargs
         )
 
+    @torch.inference_mode()
     def get_pretraining_losses(
         self,
         adata: ad.AnnData | None = None,
@@ -510,21 +364,19 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         mlm_mask: np.ndarray | None = None,
         seed: int | None = None,
     ) -> dict[str, Any]:
-        """The four pretraining losses of the cells, computed as ONE minibatch in eval mode.
-
-        Dropout is off, so the relational alignment's second pass equals the first (as the
-        reference in eval mode).
+        """The four pretraining losses of the cells as ONE minibatch, in eval mode (no dropout).
 
         Parameters
         ----------
         adata
             AnnData set up like the model's, with cell types registered.
         indices
-            Cells of the minibatch (the relational loss depends on the batch composition).
+            Cells of the minibatch, without repeats (the relational loss depends on the
+            batch composition); ``None`` uses all.
         mlm_mask
-            ``(n_cells, L)`` boolean positions (in :meth:`get_tokens` layout) to replace by
-            ``<mask>``; special tokens and padding are never masked. ``None`` draws the
-            reference's random masking (15%; 80/10/10).
+            ``(n_cells, L)`` boolean positions (rows in ``indices`` order, columns as
+            :meth:`get_tokens`) to replace by ``<mask>``; special tokens and padding are
+            never masked. ``None`` draws the reference's random masking (15%; 80/10/10).
         seed
             Seed of the random masking.
 
@@ -534,31 +386,22 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``cell_type_coherence_loss``, ``cell_type_coherence_reg_loss``, ``total_loss``) and
         arrays ``mlm_scores`` (masked positions, row-major) and ``prototype_scores``.
         """
-        adata = self.adata if adata is None else adata
-        all_types = self._cell_types(adata)  # before scvi's registry transfer, with a clear error
-        adata = self._validate_anndata(adata)
-        cells, inverse = self._resolve_indices(adata, indices)
-        if len(np.unique(inverse)) != len(inverse):
-            raise InvalidInputError("indices must not repeat cells.")
-        order = cells[inverse]
-        cell_type = torch.as_tensor(all_types[order], device=self.device)
-        ids, lengths = self.get_tokens(adata, order)
-        ids_t = torch.as_tensor(ids, device=self.device)
-        lengths_t = torch.as_tensor(lengths, device=self.device)
-        selected = None
-        if mlm_mask is not None:
-            mask = np.asarray(mlm_mask, dtype=bool)
-            if mask.shape[0] != len(order):
-                raise InvalidInputError(
-                    f"mlm_mask has {mask.shape[0]} rows for {len(order)} cells."
-                )
-            selected = torch.zeros(ids.shape, dtype=torch.bool)
-            w = min(mask.shape[1], ids.shape[1])
-            selected[:, :w] = torch.as_tensor(mask[:, :w])
+        call = self._prepare(adata, indices, None, "train", {})
+        if len(np.unique(call.inverse)) != len(call.inverse) or (
+            mlm_mask is not None and np.shape(mlm_mask)[0] != len(call.cells)
+        ):
+            raise InvalidInputError("indices must not repeat cells; mlm_mask needs a row each.")
+        call.groups = [np.arange(len(call.cells))]
+        tensors = next(iter(self._loader(call)))
+        order = torch.as_tensor(call.inverse)  # the caller's order, in which mlm_mask is given
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.module.eval()
-        with torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            masked, labels = self.module.mask_tokens(ids_t, lengths_t, selected)
-            out = self.module.pretraining_losses(masked, lengths_t, cell_type, labels)
-        return {k: (float(v) if v.ndim == 0 else v.detach().cpu().numpy()) for k, v in out.items()}
+        out = self.module.inference(
+            tensors[REGISTRY_KEYS.X_KEY][order].to(self.device),
+            tensors["cell_type"][order].to(self.device),
+            mask=True,
+            mlm_mask=None if mlm_mask is None else torch.as_tensor(np.asarray(mlm_mask, bool)),
+            generator=generator,
+        )
+        losses = self.module.pretraining_losses(out)
+        return {k: (float(v) if v.ndim == 0 else v.cpu().numpy()) for k, v in losses.items()}

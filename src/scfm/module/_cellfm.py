@@ -4,7 +4,9 @@ Attribute names mirror the MindSpore parameter names of the released checkpoints
 (``gene_emb``, ``value_enc.value_enc.w1``, ``encoder.0.attn.q_proj``, ``ST_enc.table``, ...),
 so loading needs no rename table beyond MindSpore's LayerNorm ``gamma``/``beta``.
 
-Two encoder paths exist in the reference and both are exposed:
+The input is a count matrix in the model's gene space (column ``j`` = vocabulary gene ``j``,
+token id ``j + 1``). Two encoder paths exist in the reference and both are exposed by
+:meth:`CellFMModule.inference`:
 
 * the zero-shot ``Backbone`` (tutorial default): ``[CLS, genes]``;
 * the pretraining / fine-tuning ``FinetuneModel`` with two read-depth tokens:
@@ -13,8 +15,11 @@ Two encoder paths exist in the reference and both are exposed:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
@@ -25,19 +30,211 @@ from scfm.data._cellfm_tokenize import (
     MAX_TOKENS,
     CellFMTokens,
     cellfm_mask_tokens,
-    cellfm_normalize,
+    cellfm_reference_mask,
     cellfm_tokenize,
 )
-from scfm.nn._retention import RetentionLayer
+from scfm.errors import CheckpointFormatError
+from scfm.module._outputs import ModuleOutput
+from scfm.nn._retention import CrossRetentionLayer, RetentionLayer
 
-__all__ = ["CellFMModule"]
+__all__ = ["CellFMConfig", "CellFMModule"]
 
 #: MindSpore ``nn.LeakyReLU`` default slope (PyTorch's default is 0.01).
 MINDSPORE_LEAKY_SLOPE = 0.2
 #: Read-depth features are ``log1p(total / 1000)``.
 ST_SCALE = 1000.0
-#: Hidden width of the annotation head (as CellFM-torch's classifier).
-ANNOTATION_HIDDEN = 128
+#: Bins of the soft-binning value encoder (``FFN(b=256)``).
+VALUE_BINS = 256
+#: Query layers of the reference's annotation head (``Net.query_layer``).
+ANNOTATION_QUERY_LAYERS = 2
+#: Names of the per-cell plan arrays the model passes in each minibatch.
+PLAN_DEPTH = "cellfm_depth"
+PLAN_SEED = "cellfm_cell_seed"
+#: Sizes beyond these are not a CellFM (released: d=1536, 40 layers, 27,856 rows, 256 bins);
+#: they fail fast instead of allocating for minutes.
+_LIMITS = {
+    "enc_dims": 1 << 15,
+    "enc_nlayers": 1024,
+    "enc_num_heads": 1 << 12,
+    "gene_rows": 1 << 22,
+    "n_genes": 1 << 22,
+    "value_bins": 1 << 14,
+    "lora": 1 << 12,
+    "max_tokens": 1 << 20,
+}
+#: At most this many parameters (fp32: 80 GB); the 800M release has about 0.8e9.
+_MAX_PARAMETERS = 2e10
+
+
+@dataclass
+class CellFMConfig:
+    """Architecture and objective of a CellFM model (the reference's ``Config`` fields).
+
+    CellFM releases store no configuration: :func:`scfm.io._cellfm.read_cellfm_release`
+    derives it from the tensor names and shapes, plus the head count given by the caller.
+
+    Attributes
+    ----------
+    enc_dims
+        Model width ``d`` (1536 in the releases).
+    enc_nlayers
+        Number of retention layers ``N`` (80M: 2; 800M: 40).
+    enc_num_heads
+        Retention heads ``H`` (48 in the releases; not stored in checkpoints).
+    gene_rows
+        Rows of the gene embedding table: ``n_genes + 1`` rounded up to a multiple of 8.
+    n_genes
+        Genes of the vocabulary (token ids ``1 .. n_genes``).
+    value_bins
+        Bins of the soft-binning value encoder (256).
+    st_tokens
+        Whether the model has the two read-depth tokens ``ST_emb`` / ``ST_enc`` (80M: yes).
+    add_zero
+        Whether the value and cell-wise decoders have zero-probability heads.
+    lora
+        Rank of the reference's own LoRA adapters on the retention / GLU projections
+        (``lora_q`` ...; 0: none). scfm's fine-tuning uses peft instead.
+    enc_dropout
+        Dropout on the residual branches during training (layer ``i``: ``enc_dropout i / N``).
+    mask_ratio
+        Fraction of each cell's genes scored by the masked value recovery objective in
+        training (pretraining ``train.py``: 0.2; the 80M fine-tuning examples: 0.5).
+    max_tokens
+        At most this many expressed genes per cell (reference: 2048); deeper cells keep a
+        random sample weighted by ``log1p(value)``. ``None``: no limit.
+    read_depth_augment
+        In training with read-depth tokens, thin half of the cells binomially
+        (``q ~ Beta(2, 2)``) and recover the original values (the reference's "bayes").
+    """
+
+    enc_dims: int
+    enc_nlayers: int
+    enc_num_heads: int
+    gene_rows: int
+    n_genes: int
+    value_bins: int = VALUE_BINS
+    st_tokens: bool = True
+    add_zero: bool = False
+    lora: int = 0
+    enc_dropout: float = 0.0
+    mask_ratio: float = 0.5
+    max_tokens: int | None = MAX_TOKENS
+    read_depth_augment: bool = False
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CellFMConfig:
+        """Build and :meth:`validate` a config; unknown keys raise ``CheckpointFormatError``."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise CheckpointFormatError(
+                f"Unknown CellFM config keys {unknown}; known: {', '.join(sorted(names))}."
+            )
+        missing = sorted(f.name for f in fields(cls) if f.name not in values and _required(f))
+        if missing:
+            raise CheckpointFormatError(f"The CellFM config lacks {', '.join(missing)}.")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable)."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Check types and sizes before anything is allocated.
+
+        Raises
+        ------
+        CheckpointFormatError
+            Naming the first offending key: wrong type, non-positive or absurd size,
+            heads not dividing the width, a gene table too small for the vocabulary.
+        """
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            if name == "max_tokens" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise CheckpointFormatError(
+                    f"CellFM config {name}={value!r} must be an integer, not "
+                    f"{type(value).__name__}."
+                )
+            low = 0 if name == "lora" else 1
+            if not low <= value <= limit:
+                raise CheckpointFormatError(
+                    f"CellFM config {name}={value} is outside [{low}, {limit}]."
+                )
+        for name in ("st_tokens", "add_zero", "read_depth_augment"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise CheckpointFormatError(
+                    f"CellFM config {name}={getattr(self, name)!r} must be True or False."
+                )
+        for name in ("enc_dropout", "mask_ratio"):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or not 0.0 <= float(value) < 1.0:
+                raise CheckpointFormatError(f"CellFM config {name}={value!r} must be in [0, 1).")
+        if self.enc_dims % self.enc_num_heads:
+            raise CheckpointFormatError(
+                f"CellFM config enc_num_heads={self.enc_num_heads} does not divide "
+                f"enc_dims={self.enc_dims}."
+            )
+        if self.gene_rows < self.n_genes + 1:
+            raise CheckpointFormatError(
+                f"CellFM config gene_rows={self.gene_rows} cannot hold n_genes={self.n_genes} "
+                "genes plus the padding row: the gene list belongs to another release (the "
+                "80M model needs expand_gene_info.csv, the 800M model gene_info.csv)."
+            )
+        if self.n_parameters() > _MAX_PARAMETERS:
+            raise CheckpointFormatError(
+                f"CellFM config enc_nlayers={self.enc_nlayers}, enc_dims={self.enc_dims} "
+                f"describe {self.n_parameters():.2g} parameters, far beyond any CellFM."
+            )
+
+    def n_parameters(self) -> int:
+        """Approximate parameter count (gene table + encoder), for the size check."""
+        d = self.enc_dims
+        return self.gene_rows * d + self.enc_nlayers * (8 * d * d + 4 * d) + 2 * d * d
+
+    def check_shapes(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Compare the config with the weight shapes it will load (before building).
+
+        Raises
+        ------
+        CheckpointFormatError
+            Naming the tensor and the config key that disagree.
+        """
+        d = self.enc_dims
+        # The tensors each size is read from; the strict load reports every other mismatch.
+        expected = {
+            "gene_emb": (self.gene_rows, d),
+            "value_enc.value_enc.w1.weight": (self.value_bins, 1),
+        }
+        for i in range(self.enc_nlayers):
+            expected[f"encoder.{i}.attn.q_proj.weight"] = (d, d)
+        for key, shape in expected.items():
+            got = shapes.get(key)
+            if got is not None and tuple(got) != shape:
+                raise CheckpointFormatError(
+                    f"The weight {key} has shape {tuple(got)} but the CellFM config "
+                    f"(enc_dims={d}, gene_rows={self.gene_rows}, value_bins={self.value_bins}) "
+                    f"needs {shape}."
+                )
+        layers = {k.split(".")[1] for k in shapes if k.startswith("encoder.")}
+        if len(layers) != self.enc_nlayers:
+            raise CheckpointFormatError(
+                f"The checkpoint has {len(layers)} encoder layers but the CellFM config "
+                f"enc_nlayers={self.enc_nlayers}."
+            )
+        if ("ST_emb" in shapes) != self.st_tokens:
+            raise CheckpointFormatError(
+                f"The CellFM config st_tokens={self.st_tokens} disagrees with the checkpoint "
+                f"({'has' if 'ST_emb' in shapes else 'has no'} ST_emb)."
+            )
+
+
+def _required(f) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 class ValueProjection(nn.Module):
@@ -46,7 +243,7 @@ class ValueProjection(nn.Module):
     ``z = LeakyReLU_0.2(w1 v)``; ``z = w3 z + a z``; ``out = table(softmax(z))``.
     """
 
-    def __init__(self, emb_dims: int, bins: int = 256) -> None:
+    def __init__(self, emb_dims: int, bins: int = VALUE_BINS) -> None:
         super().__init__()
         self.w1 = nn.Linear(1, bins, bias=False)
         self.w3 = nn.Linear(bins, bins, bias=False)
@@ -62,7 +259,7 @@ class ValueProjection(nn.Module):
 class ValueEncoder(nn.Module):
     """Expression-value embedding; masked values get the learned ``mask_emb``."""
 
-    def __init__(self, emb_dims: int, bins: int = 256) -> None:
+    def __init__(self, emb_dims: int, bins: int = VALUE_BINS) -> None:
         super().__init__()
         self.value_enc = ValueProjection(emb_dims, bins)
         self.mask_emb = nn.Parameter(torch.zeros(1, 1, emb_dims))
@@ -106,8 +303,44 @@ class CellwiseDecoder(nn.Module):
             self.zero_logit = nn.Linear(emb_dims, emb_dims)
 
     def forward(self, cls: torch.Tensor, gene_emb: torch.Tensor) -> torch.Tensor:
+        """``gene_emb`` is ``[B, L, d]`` (per-token rows) or ``[V, d]`` (every gene)."""
         query = torch.sigmoid(self.map(gene_emb))
+        if query.dim() == 2:
+            return cls @ query.T
         return (query @ cls[:, :, None]).squeeze(-1)
+
+
+class AnnotationHead(nn.Module):
+    """The reference's cell-type head (``tutorials/CellAnnotation`` ``Net``).
+
+    One learned query per class (``cluster_emb``) joins the CLS state; two
+    :class:`~scfm.nn._retention.CrossRetentionLayer` let them read the gene tokens. The class
+    scores are ``classifier(query_c)`` (the reference's prediction, ``labelpred1``); the
+    auxiliary ``CLS · cluster_embᵀ`` (``labelpred2``, its second loss term) is returned too.
+    Attribute names are the reference's.
+    """
+
+    def __init__(self, emb_dims: int, num_heads: int, n_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.cluster_emb = nn.Parameter(torch.empty(n_labels, emb_dims))
+        nn.init.xavier_normal_(self.cluster_emb, gain=0.5)
+        self.query_layer = nn.ModuleList(
+            [
+                CrossRetentionLayer(emb_dims, num_heads, dropout)
+                for _ in range(ANNOTATION_QUERY_LAYERS)
+            ]
+        )
+        self.classifier = nn.Linear(emb_dims, 1, bias=False)
+
+    def forward(
+        self, cls: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = self.cluster_emb.to(cls.dtype).expand(cls.shape[0], -1, -1)
+        x = torch.cat([cls[:, None], queries], dim=1)
+        for layer in self.query_layer:
+            x = layer(x, tokens, key_mask=token_mask)
+        logits = self.classifier(x[:, 1:]).squeeze(-1)
+        return logits, x[:, 0] @ self.cluster_emb.to(x.dtype).T
 
 
 class CellFMModule(BaseModuleClass):
@@ -115,93 +348,76 @@ class CellFMModule(BaseModuleClass):
 
     Parameters
     ----------
-    kept_var_index
-        Positions in ``adata.var`` of the vocabulary genes, in token order.
-    kept_token_ids
-        Their vocabulary ids (1 + row in the gene list).
-    enc_dims, enc_nlayers, enc_num_heads, gene_rows, value_bins, st_tokens, add_zero, lora,
-    enc_dropout
-        Architecture, see :class:`scfm.io.CellFMConfig`.
-    mask_ratio
-        Fraction of each cell's genes scored by the masked value recovery objective (the
-        80M fine-tuning examples use 0.5; pretraining ``train.py`` 0.2).
-    max_tokens
-        At most this many genes per cell (reference: 2048).
-    read_depth_augment
-        During training with ST tokens, thin the counts of half of the cells binomially
-        (``q ~ Beta(2, 2)``) and ask the model to recover the original values (the
-        reference's "bayes" augmentation).
-    n_labels
-        Cell-type classes of the annotation head; 0 for none.
+    config
+        The validated :class:`CellFMConfig`.
+    token_order
+        Vocabulary positions in token order (the reference orders a cell's genes
+        alphabetically); ``None``: vocabulary order.
     """
 
-    def __init__(
-        self,
-        kept_var_index: Sequence[int],
-        kept_token_ids: Sequence[int],
-        enc_dims: int,
-        enc_nlayers: int,
-        enc_num_heads: int,
-        gene_rows: int,
-        value_bins: int = 256,
-        st_tokens: bool = True,
-        add_zero: bool = False,
-        lora: int = 0,
-        enc_dropout: float = 0.0,
-        mask_ratio: float = 0.5,
-        max_tokens: int | None = MAX_TOKENS,
-        read_depth_augment: bool = False,
-        n_labels: int = 0,
-    ) -> None:
-        super().__init__()
-        self.depth = enc_nlayers
-        self.mask_ratio = mask_ratio
-        self.max_tokens = max_tokens
-        self.read_depth_augment = read_depth_augment
-        self.st_tokens = st_tokens
-        # Which adata.var columns are tokens; rebuilt from init args, so not in the state dict.
-        self.register_buffer(
-            "kept_var_index", torch.as_tensor(kept_var_index, dtype=torch.long), persistent=False
-        )
-        self.register_buffer(
-            "kept_token_ids", torch.as_tensor(kept_token_ids, dtype=torch.long), persistent=False
-        )
+    #: Parts a release may lack (loaders of the 800M model use only the encoder): the heads
+    #: of the pretraining objective keep their initialisation.
+    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [
+        r"^zero_emb$",
+        r"^value_dec\.",
+        r"^cellwise_dec\.",
+    ]
+    #: Training state MindSpore writes beside the parameters (Adam moments, counters).
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [
+        r"^(moment1|moment2|adam_m|adam_v|accum)\.",
+        r"^(global_step|learning_rate|beta1_power|beta2_power|current_iterator_step"
+        r"|last_overflow_iterator_step|loss_scale|scale_sense)$",
+    ]
+    #: Linear layers peft's LoRA adapts (fnmatch patterns): the reference's LoRA targets,
+    #: every retention and GLU projection of the encoder (not the annotation head's).
+    _lora_target_modules: ClassVar[list[str]] = [
+        "encoder.*.attn.[qkvuo]_proj",
+        "encoder.*.ffn.[uvo]_proj",
+    ]
 
-        self.gene_emb = nn.Parameter(torch.empty(gene_rows, enc_dims))
-        self.cls_token = nn.Parameter(torch.empty(1, 1, enc_dims))
-        self.zero_emb = nn.Parameter(torch.zeros(1, 1, enc_dims))
-        if st_tokens:
-            self.ST_emb = nn.Parameter(torch.empty(1, 2, enc_dims))
-            self.ST_enc = ValueProjection(enc_dims, value_bins)
-        self.value_enc = ValueEncoder(enc_dims, value_bins)
+    def __init__(self, config: CellFMConfig, token_order: Sequence[int] | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d, n_layers = config.enc_dims, config.enc_nlayers
+        order = np.arange(config.n_genes) if token_order is None else np.asarray(token_order)
+        if sorted(order.tolist()) != list(range(config.n_genes)):
+            raise ValueError("token_order must be a permutation of the vocabulary positions")
+        # Built from the release's gene list at construction, so not in the state dict.
+        self.register_buffer("token_order", torch.as_tensor(order, dtype=torch.long), False)
+        self.gene_emb = nn.Parameter(torch.empty(config.gene_rows, d))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, d))
+        self.zero_emb = nn.Parameter(torch.zeros(1, 1, d))
+        if config.st_tokens:
+            self.ST_emb = nn.Parameter(torch.empty(1, 2, d))
+            self.ST_enc = ValueProjection(d, config.value_bins)
+        self.value_enc = ValueEncoder(d, config.value_bins)
         self.encoder = nn.ModuleList(
             [
                 RetentionLayer(
-                    enc_dims,
-                    enc_num_heads,
-                    enc_nlayers,
-                    dropout=enc_dropout * i / enc_nlayers,
-                    lora=lora,
+                    d,
+                    config.enc_num_heads,
+                    n_layers,
+                    dropout=config.enc_dropout * i / n_layers,
+                    lora=config.lora,
                 )
-                for i in range(enc_nlayers)
+                for i in range(n_layers)
             ]
         )
-        self.value_dec = ValueDecoder(enc_dims, zero=add_zero)
-        self.cellwise_dec = CellwiseDecoder(enc_dims, zero=add_zero)
-        self.n_labels = 0
-        self._init_weights(enc_nlayers)
-        if n_labels > 0:
-            self.add_annotation_head(n_labels)
+        self.value_dec = ValueDecoder(d, zero=config.add_zero)
+        self.cellwise_dec = CellwiseDecoder(d, zero=config.add_zero)
+        self.classifier: AnnotationHead | None = None
+        self._init_weights()
 
-    def _init_weights(self, n_layers: int) -> None:
+    def _init_weights(self) -> None:
         """Reference initialisation (XavierNormal gains; DeepNorm beta on v/u/o)."""
         nn.init.xavier_normal_(self.gene_emb, gain=0.5)
         with torch.no_grad():
             self.gene_emb[0].zero_()  # padding row
         nn.init.xavier_normal_(self.cls_token, gain=0.5)
-        if self.st_tokens:
+        if self.config.st_tokens:
             nn.init.xavier_normal_(self.ST_emb, gain=0.5)
-        beta = (8 * n_layers) ** -0.25
+        beta = (8 * self.config.enc_nlayers) ** -0.25
         for layer in self.encoder:
             for name in ("q", "k"):
                 nn.init.xavier_normal_(getattr(layer.attn, f"{name}_proj").weight)
@@ -210,16 +426,40 @@ class CellFMModule(BaseModuleClass):
             for name in ("u", "v", "o"):
                 nn.init.xavier_normal_(getattr(layer.ffn, f"{name}_proj").weight, gain=beta)
 
+    # ------------------------------------------------------------------ heads
+    def add_classifier(self, n_labels: int) -> None:
+        """Add the reference's annotation head for ``n_labels`` classes.
+
+        See :class:`AnnotationHead`; :meth:`inference` then fills ``logits``.
+        """
+        c = self.config
+        head = AnnotationHead(c.enc_dims, c.enc_num_heads, n_labels, c.enc_dropout)
+        self.classifier = head.to(self.gene_emb.device)
+
+    def classification_loss(self, output: ModuleOutput, labels: torch.Tensor) -> torch.Tensor:
+        """The reference's annotation loss: NLL of both class scores of :class:`AnnotationHead`.
+
+        ``labelpred1`` (``output.logits``, the prediction) and the auxiliary ``labelpred2``
+        (``output.extra["cluster_logits"]``) are scored; their sum is the reference's loss.
+        """
+        loss = F.cross_entropy(output.logits.float(), labels)
+        return loss + F.cross_entropy(output.extra["cluster_logits"].float(), labels)
+
     # ------------------------------------------------------------------ tokens
     def tokenize(
-        self, counts: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        depth: torch.Tensor | None = None,
+        cell_seed: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> CellFMTokens:
-        """Tokens of a minibatch of raw counts (``[B, n_vars]`` in ``adata.var`` order)."""
+        """Tokens of a minibatch of counts ``[B, n_genes]`` in the model's gene space."""
         return cellfm_tokenize(
-            counts,
-            self.kept_var_index,
-            self.kept_token_ids,
-            max_tokens=self.max_tokens,
+            x,
+            self.token_order,
+            depth=depth,
+            max_tokens=self.config.max_tokens,
+            cell_seed=cell_seed,
             generator=generator,
         )
 
@@ -230,219 +470,249 @@ class CellFMModule(BaseModuleClass):
             [torch.log1p(source_totals / ST_SCALE), torch.log1p(target_totals / ST_SCALE)], -1
         )
 
-    # ------------------------------------------------------------------ encoder
-    def encode(
-        self,
-        gene_ids: torch.Tensor,
-        values: torch.Tensor,
-        token_mask: torch.Tensor,
-        unmask: torch.Tensor | None = None,
-        st_feat: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the encoder.
-
-        Parameters
-        ----------
-        gene_ids
-            ``[B, L]`` vocabulary ids (0 on padding).
-        values
-            ``[B, L]`` log1p values (ignored where ``unmask`` is 0).
-        token_mask
-            ``[B, L]`` 1 on real tokens.
-        unmask
-            ``[B, L]`` 0 where the value is masked (``mask_emb``); ``None``: nothing masked.
-        st_feat
-            ``[B, 2]`` read-depth features; given, the ``[CLS, S, T, genes]`` path of the
-            fine-tuning model runs, otherwise the zero-shot ``Backbone`` path.
-
-        Returns
-        -------
-        ``(hidden [B, P + L, d], gene embedding rows [B, L, d])`` with ``P`` prefix tokens
-        (1 or 3).
-        """
-        b = gene_ids.shape[0]
-        gene_emb = self.gene_emb[gene_ids]
-        x = gene_emb + self.value_enc(values, unmask)
-        prefix = [self.cls_token.expand(b, -1, -1)]
-        if st_feat is not None:
-            if not self.st_tokens:
-                raise ValueError("this CellFM checkpoint has no read-depth (ST) tokens")
-            prefix.append(self.ST_emb + self.ST_enc(st_feat.to(x.dtype)))
-        x = torch.cat([*prefix, x], dim=1)
-        n_prefix = x.shape[1] - gene_ids.shape[1]
-        ones = token_mask.new_ones(b, n_prefix)
-        pad_mask = torch.cat([ones, token_mask], dim=1)
-        # Padded rows start at zero (the reference multiplies them out) and are never keys.
-        x = x * pad_mask[..., None].to(x.dtype)
-        keys_first = pad_mask if unmask is None else torch.cat([ones, unmask * token_mask], 1)
-        n_tokens = token_mask.sum(dim=1)
-        # The reference's len_scale 1/sqrt(n) on V; cancelled by the per-head normalisation.
-        value_scale = torch.rsqrt(n_tokens.clamp_min(1).float())
-        for i, layer in enumerate(self.encoder):
-            mask = keys_first if i < self.depth // 2 else pad_mask
-            x = layer(x, key_mask=mask, value_scale=value_scale)
-        return x, gene_emb
-
-    # ------------------------------------------------------------------ scvi-tools API
-    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"counts": tensors[REGISTRY_KEYS.X_KEY]}
-
-    def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------ forward
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {
-            "cls": inference_outputs["cls"],
-            "hidden": inference_outputs["hidden"],
-            "gene_emb": inference_outputs["gene_emb"],
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "depth": tensors.get(PLAN_DEPTH),
+            "cell_seed": tensors.get(PLAN_SEED),
         }
 
     @auto_move_data
     def inference(
         self,
-        counts: torch.Tensor,
-        mask_ratio: float | None = None,
+        x: torch.Tensor,
+        depth: torch.Tensor | None = None,
+        cell_seed: torch.Tensor | None = None,
+        *,
         use_st: bool | None = None,
+        hidden_layer: int = -1,
+        pooling: str = "cls",
+        mask: bool = False,
+        mask_ratio: float | None = None,
+        thin: bool = False,
+        decoder: str | None = None,
         generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Tokenise, mask (when ``mask_ratio > 0``) and encode a minibatch of counts.
+    ) -> ModuleOutput:
+        """Tokenise, optionally mask, encode and decode a minibatch.
 
         Parameters
         ----------
-        counts
-            ``[B, n_vars]`` raw counts.
-        mask_ratio
-            Fraction of genes to score; ``None``: the module's ``mask_ratio`` (so that
-            validation scores the same objective as training).
+        x
+            ``[B, n_genes]`` raw counts in the model's gene space.
+        depth
+            ``[B]`` total counts of each cell over all genes of its AnnData (the
+            reference's rounding of cells deeper than 1e5 uses them); ``None``: ``x.sum(1)``.
+        cell_seed
+            ``[B]`` per-cell seeds of the subsampling of cells with more than
+            ``max_tokens`` expressed genes and of the value-recovery mask (the reference's
+            ``np.random.seed(seed)`` before ``Prepare.mask``). ``None``: both are drawn
+            from ``generator`` (torch's RNG by default), anew at every call (pretraining).
         use_st
-            Use the read-depth token path; ``None``: whenever the model has ST tokens and
-            a value is masked (the reference's fine-tuning model).
+            Run the ``[CLS, S, T, genes]`` path (``S = T`` unless thinned).
+            ``None``: when the model has read-depth tokens and values are masked or decoded
+            (the reference's fine-tuning model), else the zero-shot ``[CLS, genes]`` path.
+        hidden_layer
+            States read for ``cell_embedding`` / ``token_states``: index into (embedding
+            output, layer 1, ..., layer N); -1 = last.
+        pooling
+            ``"cls"`` (the reference's cell embedding) or ``"mean"`` over gene tokens.
+        mask
+            Apply the pretraining corruption: mask and score ``mask_ratio`` of each cell's
+            genes (80 % of them get the mask embedding).
+        mask_ratio
+            Fraction masked when ``mask``; ``None``: the config's ``mask_ratio``.
+        thin
+            With ``mask`` and read-depth tokens, binomially thin half of the cells and
+            recover the original values (the reference's read-depth augmentation).
+        decoder
+            Fill ``expression`` ``[B, n_genes]`` (log1p-normalised scale): ``"cellwise"``
+            scores every gene (``sigmoid(map(gene_emb)) · CLS``), ``"genewise"`` the
+            expressed genes (``value_dec`` on their tokens; other genes 0). ``None``: none.
         generator
-            Random generator for subsampling and masking.
+            Random generator for subsampling and masking without ``cell_seed``.
+
+        Returns
+        -------
+        :class:`~scfm.module._outputs.ModuleOutput` with ``cell_embedding``,
+        ``token_states``, ``token_genes`` (-1 on padding), ``logits`` (with a classifier)
+        and ``expression``; ``extra`` holds ``gene_ids``, ``token_mask``, ``target`` (log1p
+        values), ``unmask``, ``scored``, ``gw_pred``, ``cw_pred``, ``st_feat``, ``cls``,
+        and ``cluster_logits`` (the annotation head's auxiliary scores).
         """
-        if mask_ratio is None:
-            mask_ratio = self.mask_ratio
-        target_tokens = self.tokenize(counts, generator)
-        tokens = target_tokens
-        source_totals = target_tokens.totals
-        if self.training and self.read_depth_augment and self.st_tokens:
-            tokens, source_totals = self._thin(counts, target_tokens, generator)
-        token_mask = tokens.token_mask
-        unmask, scored = None, None
-        if mask_ratio > 0:
-            unmask, scored = cellfm_mask_tokens(
-                tokens.n_tokens, tokens.gene_ids.shape[1], mask_ratio, generator=generator
-            )
+        target = self.tokenize(x, depth, cell_seed, generator)
+        tokens, source_totals = target, target.totals
+        if mask and thin and self.config.st_tokens:
+            tokens, source_totals = self._thin(x, depth, target, generator)
+        ratio = 0.0 if not mask else self.config.mask_ratio if mask_ratio is None else mask_ratio
+        length = tokens.gene_ids.shape[1]
+        unmask = None
+        scored = torch.zeros_like(tokens.token_mask)
+        if ratio > 0:
+            if cell_seed is not None:
+                um, sc = cellfm_reference_mask(
+                    tokens.n_tokens.cpu().numpy(), length, ratio, cell_seed.cpu().numpy()
+                )
+                unmask, scored = torch.from_numpy(um), torch.from_numpy(sc)
+            else:
+                unmask, scored = cellfm_mask_tokens(
+                    tokens.n_tokens, length, ratio, generator=generator
+                )
+            unmask, scored = unmask.to(x.device), scored.to(x.device)
         if use_st is None:
-            use_st = self.st_tokens and mask_ratio > 0
-        st_feat = self.st_features(source_totals, target_tokens.totals) if use_st else None
-        hidden, gene_emb = self.encode(tokens.gene_ids, tokens.values, token_mask, unmask, st_feat)
-        n_prefix = hidden.shape[1] - tokens.gene_ids.shape[1]
-        return {
-            "cls": hidden[:, 0],
-            "hidden": hidden[:, n_prefix:],
-            "gene_emb": gene_emb,
-            "gene_ids": tokens.gene_ids,
-            "token_mask": token_mask,
-            "target": target_tokens.values,
-            "scored": scored if scored is not None else torch.zeros_like(token_mask),
-        }
+            use_st = self.config.st_tokens and (ratio > 0 or decoder is not None)
+        st_feat = self.st_features(source_totals, target.totals) if use_st else None
+        states, gene_emb = self._encode(tokens, unmask, st_feat, hidden_layer)
+        n_prefix = states.shape[1] - length
+        token_mask = tokens.token_mask
+        genes = states[:, n_prefix:]
+        if pooling == "cls":
+            cell = states[:, 0]
+        elif pooling == "mean":
+            weights = token_mask[..., None].to(genes.dtype)
+            cell = (genes * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        else:
+            raise ValueError(f"pooling={pooling!r}: use 'cls' or 'mean'")
+        out = ModuleOutput(
+            cell_embedding=cell,
+            token_states=genes,
+            token_genes=torch.where(token_mask.bool(), tokens.gene_ids - 1, -1),
+            extra={
+                "gene_ids": tokens.gene_ids,
+                "token_mask": token_mask,
+                "target": target.values,
+                "unmask": token_mask if unmask is None else unmask,
+                "scored": scored,
+                "gene_emb": gene_emb,
+                "cls": states[:, 0],
+            },
+        )
+        if st_feat is not None:
+            out.extra["st_feat"] = st_feat
+        if self.classifier is not None:
+            out.logits, out.extra["cluster_logits"] = self.classifier(
+                states[:, 0], genes, token_mask
+            )
+        if decoder is not None:
+            out.extra.update(self.generative(states[:, 0], genes, gene_emb))
+            out.expression = self._expression(out, decoder)
+        return out
+
+    def _encode(
+        self,
+        tokens: CellFMTokens,
+        unmask: torch.Tensor | None,
+        st_feat: torch.Tensor | None,
+        hidden_layer: int = -1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """States ``[B, P + L, d]`` after layer ``hidden_layer`` and the gene rows ``[B, L, d]``.
+
+        ``P`` prefix tokens: 1 (CLS) or 3 (CLS, S, T) when ``st_feat`` is given.
+        """
+        gene_ids, token_mask = tokens.gene_ids, tokens.token_mask
+        b = gene_ids.shape[0]
+        gene_emb = self.gene_emb[gene_ids]
+        x = gene_emb + self.value_enc(tokens.values, unmask)
+        prefix = [self.cls_token.expand(b, -1, -1)]
+        if st_feat is not None:
+            if not self.config.st_tokens:
+                raise ValueError("this CellFM checkpoint has no read-depth (ST) tokens")
+            prefix.append(self.ST_emb + self.ST_enc(st_feat.to(x.dtype)))
+        x = torch.cat([*prefix, x], dim=1)
+        ones = token_mask.new_ones(b, x.shape[1] - gene_ids.shape[1])
+        pad_mask = torch.cat([ones, token_mask], dim=1)
+        # Padded rows start at zero (the reference multiplies them out) and are never keys.
+        x = x * pad_mask[..., None].to(x.dtype)
+        keys_first = pad_mask if unmask is None else torch.cat([ones, unmask * token_mask], 1)
+        # The reference's len_scale 1/sqrt(n) on V; cancelled by the per-head normalisation.
+        value_scale = torch.rsqrt(token_mask.sum(dim=1).clamp_min(1).float())
+        n_layers = len(self.encoder)
+        stop = hidden_layer % (n_layers + 1)
+        for i, layer in enumerate(self.encoder[:stop]):
+            mask = keys_first if i < n_layers // 2 else pad_mask
+            x = layer(x, key_mask=mask, value_scale=value_scale)
+        return x, gene_emb
+
+    def _expression(self, out: ModuleOutput, decoder: str) -> torch.Tensor:
+        """Decoded log1p expression of every vocabulary gene ``[B, n_genes]``."""
+        if decoder == "cellwise":
+            rows = self.gene_emb[1 : self.config.n_genes + 1]
+            return self.cellwise_dec(out.extra["cls"], rows)
+        if decoder != "genewise":
+            raise ValueError(f"decoder={decoder!r}: use 'cellwise' or 'genewise'")
+        n = self.config.n_genes
+        # Padding goes to a spare last column, so that it never overwrites a gene.
+        columns = torch.where(out.token_genes >= 0, out.token_genes, n)
+        expression = out.extra["gw_pred"].new_zeros(columns.shape[0], n + 1)
+        return expression.scatter_(1, columns, out.extra["gw_pred"])[:, :n]
 
     def _thin(
-        self, counts: torch.Tensor, tokens: CellFMTokens, generator: torch.Generator | None
+        self,
+        x: torch.Tensor,
+        depth: torch.Tensor | None,
+        tokens: CellFMTokens,
+        generator: torch.Generator | None,
     ) -> tuple[CellFMTokens, torch.Tensor]:
         """Binomially thin half of the cells (``q ~ Beta(2, 2)``, expressed genes keep >= 1).
 
         The thinned cell keeps the gene set of the original tokens, so that the recovery
         target stays aligned; its values are normalised by the thinned total ``S``.
         """
-        _, kept, _ = cellfm_normalize(counts, self.kept_var_index)
+        from scfm.data._cellfm_tokenize import cellfm_normalize
+
+        _, kept, _ = cellfm_normalize(x, depth)
         b = kept.shape[0]
-        q = torch.distributions.Beta(2.0, 2.0).sample((b, 1)).to(kept.device)
+        # Beta(2, 2) as the ratio of two Gamma(2) draws, so that `generator` drives it too.
+        g1, g2 = (_gamma2((b, 1), generator, kept.device) for _ in range(2))
+        q = g1 / (g1 + g2)
         apply = torch.rand(b, 1, device=kept.device, generator=generator) < 0.5
         thinned = torch.binomial(kept, q.expand_as(kept).contiguous(), generator=generator)
         thinned = torch.where(kept > 0, thinned.clamp_min(1), thinned)
         thinned = torch.where(apply, thinned, kept)
         source_totals = thinned.sum(dim=1)
-        # Token positions of the original cell -> their thinned counts.
-        sorted_ids, order = self.kept_token_ids.sort()
-        pos = torch.searchsorted(sorted_ids, tokens.gene_ids).clamp_max(len(order) - 1)
-        columns = order[pos]
-        token_counts = torch.gather(thinned, 1, columns) * tokens.token_mask
+        token_counts = torch.gather(thinned, 1, (tokens.gene_ids - 1).clamp_min(0))
+        token_counts = token_counts * tokens.token_mask
         size = torch.where(source_totals > 0, source_totals / 1e4, torch.ones_like(source_totals))
         values = torch.log1p(token_counts / size[:, None])
-        thinned_tokens = CellFMTokens(tokens.gene_ids, values, tokens.n_tokens, source_totals)
-        return thinned_tokens, source_totals
+        return CellFMTokens(tokens.gene_ids, values, tokens.n_tokens, source_totals), source_totals
 
-    @auto_move_data
+    # ------------------------------------------------------------------ objective
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: ModuleOutput
+    ) -> dict[str, torch.Tensor]:
+        return {
+            "cls": inference_outputs.extra["cls"],
+            "hidden": inference_outputs.token_states,
+            "gene_emb": inference_outputs.extra["gene_emb"],
+        }
+
     def generative(
         self, cls: torch.Tensor, hidden: torch.Tensor, gene_emb: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Value predictions: gene-wise from each token, cell-wise from the CLS embedding."""
-        out = {"gw_pred": self.value_dec(hidden), "cw_pred": self.cellwise_dec(cls, gene_emb)}
-        if self.n_labels > 0:
-            out["logits"] = self.classifier(cls)
-        return out
+        """Value predictions per token: gene-wise from its state, cell-wise from the CLS."""
+        return {"gw_pred": self.value_dec(hidden), "cw_pred": self.cellwise_dec(cls, gene_emb)}
 
     def loss(
         self,
         tensors: dict[str, torch.Tensor],
-        inference_outputs: dict[str, torch.Tensor],
+        inference_outputs: ModuleOutput,
         generative_outputs: dict[str, torch.Tensor],
     ) -> LossOutput:
-        """Masked value recovery (gene-wise + cell-wise MSE), or annotation cross-entropy.
-
-        With an annotation head the loss is the cross-entropy of the cell-type logits
-        (the masked recovery terms are added when ``mask_ratio > 0`` in training).
-        """
-        scored = inference_outputs["scored"]
-        target = inference_outputs["target"]
+        """Masked value recovery: gene-wise + cell-wise MSE over the scored genes."""
+        extra = inference_outputs.extra
+        scored, target = extra["scored"], extra["target"]
         n_scored = scored.sum().clamp_min(1.0)
-        loss_gw = ((generative_outputs["gw_pred"] - target) ** 2 * scored).sum() / n_scored
-        loss_cw = ((generative_outputs["cw_pred"] - target) ** 2 * scored).sum() / n_scored
-        per_cell = ((generative_outputs["gw_pred"] - target) ** 2 * scored).sum(1)
-        extra = {"loss_gw": loss_gw.detach(), "loss_cw": loss_cw.detach()}
-        if self.n_labels > 0:
-            labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().view(-1)
-            logits = generative_outputs["logits"]
-            ce = F.cross_entropy(logits, labels)
-            total = ce + (loss_gw + loss_cw if bool(scored.any()) else 0.0)
-            return LossOutput(
-                loss=total,
-                reconstruction_loss=per_cell,
-                classification_loss=ce,
-                logits=logits,
-                true_labels=labels,
-                extra_metrics=extra,
-            )
-        return LossOutput(loss=loss_gw + loss_cw, reconstruction_loss=per_cell, extra_metrics=extra)
+        err_gw = (generative_outputs["gw_pred"] - target) ** 2 * scored
+        err_cw = (generative_outputs["cw_pred"] - target) ** 2 * scored
+        loss_gw, loss_cw = err_gw.sum() / n_scored, err_cw.sum() / n_scored
+        return LossOutput(
+            loss=loss_gw + loss_cw,
+            reconstruction_loss=err_gw.sum(1) + err_cw.sum(1),
+            extra_metrics={"loss_gw": loss_gw.detach(), "loss_cw": loss_cw.detach()},
+        )
 
-    def sample(self, *args, **kwargs):  # pragma: no cover - not a generative count model
-        raise NotImplementedError("CellFM does not define a count likelihood to sample from.")
 
-    # ------------------------------------------------------------------ fine-tuning
-    def add_annotation_head(self, n_labels: int) -> None:
-        """Add the cell-type head ``classifier`` (MLP ``d -> 128 -> n_labels`` on the CLS)."""
-        d = self.gene_emb.shape[1]
-        self.classifier = nn.Sequential(
-            nn.Linear(d, ANNOTATION_HIDDEN),
-            nn.LeakyReLU(MINDSPORE_LEAKY_SLOPE),
-            nn.Linear(ANNOTATION_HIDDEN, n_labels),
-        ).to(self.gene_emb.device)
-        self.n_labels = n_labels
-
-    def add_lora(self, rank: int) -> None:
-        """Add rank-``rank`` LoRA adapters to every retention and GLU projection."""
-        for layer in self.encoder:
-            layer.attn.add_lora(rank)
-            layer.ffn.add_lora(rank)
-        self.to(self.gene_emb.device)
-
-    def merge_lora(self) -> None:
-        """Fold every LoRA adapter into its projection (the reference's ``combine_weight``)."""
-        for layer in self.encoder:
-            layer.attn.merge_lora()
-            layer.ffn.merge_lora()
-
-    def freeze_for_finetuning(self) -> int:
-        """Train only LoRA adapters and the annotation head; return the trainable count."""
-        for name, p in self.named_parameters():
-            p.requires_grad = ".lora_" in name or name.startswith("classifier.")
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+def _gamma2(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    """Gamma(2, 1) draws: the sum of two exponentials, from ``generator``."""
+    u = torch.rand((2, *shape), generator=generator, device=device).clamp_min(1e-12)
+    return -torch.log(u).sum(0)

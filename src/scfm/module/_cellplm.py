@@ -3,18 +3,18 @@
 Each cell is embedded as the log1p-weighted sum of its genes' embeddings, the cells of one
 sentence (a sample, a field of view, a spatial tile) attend to each other through a
 Flowformer encoder, a (Gaussian-mixture) VAE latent gives the cell embedding, and a
-batch-aware negative-binomial decoder reconstructs the expression of every vocabulary gene.
+negative-binomial decoder reconstructs the expression of every vocabulary gene.
 
-Attribute names mirror the keys of the released ``<prefix>.best.ckpt`` files.
+The input is a count matrix in the MODEL's gene space (column ``j`` = ``gene_list[j]`` of the
+release config); attribute names mirror the keys of the released ``<prefix>.best.ckpt`` files.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
@@ -22,17 +22,25 @@ from scvi.distributions import NegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
-from scfm.errors import InvalidInputError
+from scfm.errors import CheckpointFormatError
+from scfm.module._outputs import ModuleOutput
 from scfm.nn._flowformer import FlowformerEncoder
 from scfm.nn._gmvae import GMVAELatent, VAELatent
 from scfm.nn._spatial_encoding import Sinusoidal2dPE
 
-logger = logging.getLogger(__name__)
+__all__ = ["PLAN_KEYS", "CellPLMConfig", "CellPLMModule"]
 
-__all__ = ["SPATIAL_KEY", "CellPLMConfig", "CellPLMModule"]
-
-#: Registry key of the spatial coordinates (``ObsmField``).
-SPATIAL_KEY = "spatial"
+#: Per-cell plan arrays the model puts into each minibatch (``tensors[key]``).
+PLAN_KEYS = {
+    "sentence": "cellplm_sentence",  # int: cells with one id attend to each other
+    "coords": "cellplm_coords",  # (2,) coordinates min-max scaled to [0, 1] per sample
+    "noise": "cellplm_noise",  # (num_clusters,) Gumbel noise of the GMVAE cluster choice
+    # (n_vocab,) int: 1 + the gene's AnnData column, negated if the cell's dataset did not
+    # measure it, 0 if the AnnData lacks it; the reference sums gene embeddings in AnnData
+    # column order (visible at 1e-4 after the GroupNorm)
+    "gene_rank": "cellplm_gene_rank",
+    "mask_rate": "cellplm_mask_rate",  # float: probability that training masks the cell
+}
 #: Groups of every GroupNorm in the embedder and decoder (reference value).
 GROUPNORM_GROUPS = 4
 #: Width of the hidden layer of the NB output head (hard-coded in the reference).
@@ -44,33 +52,57 @@ NB_DISP_RANGE = (1e-4, 1e4)
 MASK_BETA_ALPHA = 5.0
 MASK_RATIO_CAP = 0.9
 
+#: Upper bounds of the size keys: far above any release (enc_hid 1024, 19,374 genes, 12,596
+#: batches), low enough that a corrupted config fails at once instead of allocating for minutes.
+_MAX_SIZE = {
+    "enc_hid": 16384,
+    "enc_layers": 128,
+    "enc_head": 1024,
+    "post_latent_dim": 16384,
+    "dec_hid": 16384,
+    "dec_layers": 128,
+    "num_clusters": 4096,
+    "out_dim": 1_000_000,
+    "max_batch_size": 100_000_000,
+    "batch_num": 1_000_000,
+    "dataset_num": 1_000_000,
+}
+_RATES = ("model_dropout", "mask_node_rate", "mask_feature_rate", "drop_node_rate")
+_CHOICES = {
+    "enc_mod": ("flowformer",),
+    "latent_mod": ("vae", "gmvae"),
+    "dec_mod": ("nbmlp",),
+    "norm": ("groupnorm",),
+    "pe_type": ("sin",),
+}
+
 
 @dataclass
 class CellPLMConfig:
     """Hyper-parameters of a CellPLM model, named as in the original ``<prefix>.config.json``.
 
     Keys of the original file that the model does not use (``dataset``, ``epochs``, ``lr``,
-    ...) are dropped; keys the released files lack take the reference class defaults.
+    ...) are kept in :attr:`extra`; keys the released files lack take the reference class
+    defaults (``enc_head=8``, ``pe_type='sin'``).
 
     Attributes
     ----------
     enc_mod
-        Cell encoder; only ``"flowformer"`` (the released models) is implemented.
+        Cell encoder; only ``"flowformer"`` (the released models).
     enc_hid
         Width of embedder and encoder.
     enc_layers
         Flowformer layers.
     enc_head
-        Attention heads (not in the released config; default 8).
+        Attention heads.
     latent_mod
-        ``"vae"`` (release 20231027_85M), ``"gmvae"`` (release 20230926_85M) or ``"ae"``
-        (a plain linear map, used for annotation fine-tuning).
+        ``"vae"`` (release 20231027_85M, deterministic) or ``"gmvae"`` (release 20230926_85M).
     lamda
         Free-bits floor of the GMVAE loss terms.
     post_latent_dim
         Latent (cell embedding) width.
     dec_mod
-        Decoder; ``"nbmlp"`` (negative binomial MLP).
+        Decoder; ``"nbmlp"`` (negative-binomial MLP).
     dec_hid
         Decoder width.
     dec_layers
@@ -78,11 +110,11 @@ class CellPLMConfig:
     model_dropout
         Dropout (training only).
     mask_node_rate
-        Fraction of cells masked per sentence in pretraining.
+        Share of cells masked per sentence in pretraining.
     mask_feature_rate
         Mean masking ratio of a masked cell's genes.
     drop_node_rate
-        Fraction of cells dropped from a sentence in pretraining.
+        Share of cells dropped from a sentence in pretraining.
     norm
         Norm of embedder / decoder; only ``"groupnorm"``.
     w_li, w_en
@@ -90,14 +122,13 @@ class CellPLMConfig:
     num_clusters
         GMVAE mixture components.
     out_dim
-        Decoder output size = vocabulary size.
+        Decoder output size = vocabulary size (``len(gene_list)``).
     cat_pe
-        Concatenate the positional encoding (``False`` in the releases; only adding is
-        implemented).
+        Concatenate the positional encoding (``False`` in the releases; not implemented).
     max_batch_size
         Most cells kept per sentence after node dropping in pretraining.
     input_covariate
-        Batch embedding added in the embedder (``False`` in the releases; not implemented).
+        Batch embedding in the embedder (``False`` in the releases; not implemented).
     dae
         Add the masked-entry NB term to the pretraining loss.
     mask_beta
@@ -105,7 +136,9 @@ class CellPLMConfig:
     batch_num, dataset_num
         Sizes of the decoder's batch / dataset covariate embeddings.
     pe_type
-        Positional-encoding type (``"sin"``; only used with ``spatial_encoding=True``).
+        Positional-encoding type (``"sin"``).
+    extra
+        Keys of the file that the model does not use.
     """
 
     enc_mod: str = "flowformer"
@@ -139,7 +172,11 @@ class CellPLMConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> CellPLMConfig:
-        """Parse an original config (``gene_list`` and unused keys are ignored)."""
+        """Parse and :meth:`validate` an original config (``gene_list`` is not kept)."""
+        if not isinstance(config, dict):
+            raise CheckpointFormatError(
+                f"A CellPLM config must be a dict (JSON object), got {type(config).__name__}."
+            )
         known = {f.name for f in fields(cls)} - {"extra"}
         out = cls(**{k: v for k, v in config.items() if k in known})
         out.extra = {k: v for k, v in config.items() if k not in known and k != "gene_list"}
@@ -151,23 +188,101 @@ class CellPLMConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
 
     def validate(self) -> None:
-        """Refuse variants of the reference code that scfm does not implement."""
-        checks = [
-            (self.enc_mod == "flowformer", f"enc_mod={self.enc_mod!r} (only 'flowformer')"),
-            (self.latent_mod in ("vae", "gmvae", "ae"), f"latent_mod={self.latent_mod!r}"),
-            (self.dec_mod == "nbmlp", f"dec_mod={self.dec_mod!r} (only 'nbmlp')"),
-            (self.norm == "groupnorm", f"norm={self.norm!r} (only 'groupnorm')"),
-            (not self.cat_pe, "cat_pe=True"),
-            (not self.input_covariate, "input_covariate=True"),
-            (self.dec_layers >= 1, f"dec_layers={self.dec_layers}"),
-        ]
-        bad = [msg for ok, msg in checks if not ok]
-        if bad:
-            raise InvalidInputError(
-                f"Unsupported CellPLM configuration: {'; '.join(bad)}. scfm implements the "
-                "architecture of the released checkpoints (flowformer encoder, vae/gmvae "
-                "latent, nbmlp decoder with groupnorm)."
-            )
+        """Check types, sizes and the implemented variants.
+
+        Raises
+        ------
+        CheckpointFormatError
+            Naming the first offending key.
+        """
+        for f in fields(self):
+            value, name = getattr(self, f.name), f.name
+            if name == "extra":
+                continue
+            if f.type == "int":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    _bad(name, value, "an integer")
+                low = 0 if name in ("batch_num", "dataset_num") else 1
+                if not low <= value <= _MAX_SIZE[name]:
+                    _bad(name, value, f"an integer in [{low}, {_MAX_SIZE[name]}]")
+            elif f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    _bad(name, value, "a number")
+                if not math.isfinite(value) or (name in _RATES and not 0 <= value <= 1):
+                    _bad(name, value, "in [0, 1]" if name in _RATES else "a finite number")
+            elif f.type == "bool" and not isinstance(value, bool):
+                _bad(name, value, "true or false")
+            elif f.type == "str" and value not in _CHOICES[name]:
+                _bad(name, value, f"one of {_CHOICES[name]} (what scfm implements)")
+        if self.enc_hid % self.enc_head:
+            _bad("enc_head", self.enc_head, f"a divisor of enc_hid={self.enc_hid}")
+        if self.enc_hid % GROUPNORM_GROUPS or self.dec_hid % GROUPNORM_GROUPS:
+            _bad("enc_hid", (self.enc_hid, self.dec_hid), "enc_hid, dec_hid divisible by 4")
+        if self.mask_feature_rate == 0:
+            _bad("mask_feature_rate", 0, "> 0")
+        for name in ("cat_pe", "input_covariate"):
+            if getattr(self, name):
+                _bad(name, True, "false (the released architecture; True is not implemented)")
+
+    def check_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Compare the shapes this config implies with the weights, before any module exists.
+
+        Raises
+        ------
+        CheckpointFormatError
+            Naming the config key that disagrees with the weights.
+        """
+        d, z, k = self.enc_hid, self.post_latent_dim, self.num_clusters
+        vae, gm = "latent.layers.1.hid_2mu.weight", "latent.layers.1.inference.y_mu.weight"
+        if self.latent_mod == "vae" and gm in state_dict:
+            _bad("latent_mod", "vae", "'gmvae': the weights hold a Gaussian-mixture latent")
+        if self.latent_mod == "gmvae" and vae in state_dict:
+            _bad("latent_mod", "gmvae", "'vae': the weights hold a plain VAE latent")
+        layers, blocks = (
+            _indices(state_dict, "encoder.layers."),
+            _indices(state_dict, "decoder.layers."),
+        )
+        if layers != self.enc_layers:
+            _bad("enc_layers", self.enc_layers, f"{layers}, the Flowformer layers of the weights")
+        if blocks != self.dec_layers - 1:
+            _bad("dec_layers", self.dec_layers, f"{blocks + 1}, as the weights' decoder blocks")
+        expected = {
+            "embedder.feat_enc.emb": ((self.out_dim, d), "out_dim / gene_list, enc_hid"),
+            "encoder.layers.0._ff_block.0.weight": ((2 * d, d), "enc_hid"),
+            "pre_latent_norm.norm.weight": ((d,), "enc_hid"),
+            vae: ((z, d), "post_latent_dim, enc_hid"),
+            "latent.layers.1.inference.inference_qyx.0.logits.weight": ((k, d), "num_clusters"),
+            gm: ((z, k), "post_latent_dim, num_clusters"),
+            "decoder.layers.0.0.weight": ((self.dec_hid, z), "dec_hid, post_latent_dim"),
+            "decoder.covariate_layers.0.batch.0.weight": (
+                (self.batch_num, self.dec_hid),
+                "batch_num",
+            ),
+            "decoder.covariate_layers.0.dataset.0.weight": (
+                (self.dataset_num, self.dec_hid),
+                "dataset_num",
+            ),
+            "decoder.out_layer.dec_disp": ((self.out_dim,), "out_dim / gene_list"),
+        }
+        for key, (shape, names) in expected.items():
+            if key in state_dict and tuple(state_dict[key].shape) != shape:
+                raise CheckpointFormatError(
+                    f"The CellPLM config ({names}) implies {key} of shape {shape}, but the "
+                    f"weights hold {tuple(state_dict[key].shape)}: config and weights belong to "
+                    "different releases. Use the config.json shipped with this .best.ckpt."
+                )
+
+
+def _indices(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of distinct ``<prefix><i>.`` blocks among the keys."""
+    return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def _bad(key: str, value: Any, want: str) -> None:
+    raise CheckpointFormatError(
+        f"CellPLM config key {key!r} = {value!r} is invalid: expected {want}. Use the "
+        "<prefix>.config.json shipped with the release."
+    )
 
 
 class _FeatureEncoder(nn.Module):
@@ -179,7 +294,7 @@ class _FeatureEncoder(nn.Module):
 
 
 class CellPLMEmbedder(nn.Module):
-    """Cell tokens: ``GroupNorm(Dropout(ReLU(Linear(log1p(x) @ E))))`` (+ optional 2-D PE).
+    """Cell tokens: ``GroupNorm(Dropout(ReLU(Linear(log1p(x) @ E (+ PE)))))``.
 
     Parameters
     ----------
@@ -190,7 +305,7 @@ class CellPLMEmbedder(nn.Module):
     dropout
         Dropout (training only).
     spatial_encoding
-        Add the 2-D sinusoidal positional encoding of the coordinates after the gene sum.
+        Add the 2-D sinusoidal encoding of the coordinates (off in the released models).
     """
 
     def __init__(
@@ -204,14 +319,42 @@ class CellPLMEmbedder(nn.Module):
             nn.Dropout(dropout),
             nn.GroupNorm(GROUPNORM_GROUPS, d_model),
         )
-        self.pe_enc = Sinusoidal2dPE(d_model) if spatial_encoding else None
+        # Every release carries pe_enc.missing_pe, so the module always has it (loaded, and
+        # trained with spatial_encoding); the released forward adds 0 instead (issue #19).
+        self.pe_enc = Sinusoidal2dPE(d_model)
+        self.spatial_encoding = spatial_encoding
 
     def forward(
-        self, x_log: torch.Tensor, vocab_index: torch.Tensor, coords: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        coords: torch.Tensor | None = None,
+        gene_rank: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x_log``: ``[N, G]`` log1p counts of the kept genes; ``vocab_index``: ``[G]``."""
-        h = x_log @ self.feat_enc.emb[vocab_index]
-        if self.pe_enc is not None:
+        """Cell tokens.
+
+        Parameters
+        ----------
+        x
+            ``[N, n_vocab]`` counts.
+        coords
+            ``[N, 2]`` coordinates in ``[0, 1]``, or ``None``.
+        gene_rank
+            ``[N, n_vocab]`` AnnData column (+1) of each gene (negated if unmeasured, 0 if
+            absent): genes are summed in that order, as the reference does (``None``:
+            vocabulary order).
+        """
+        # Only genes expressed in the minibatch contribute (zeros add 0), as in the
+        # reference's sparse product; skipping the rest saves most of the work.
+        expressed = x.any(dim=0)
+        if gene_rank is None:
+            cols = torch.nonzero(expressed).squeeze(1)
+        else:
+            rank = gene_rank.abs().max(dim=0).values.long()
+            ranked = torch.nonzero(expressed & (rank > 0)).squeeze(1)
+            rest = torch.nonzero(expressed & (rank == 0)).squeeze(1)
+            cols = torch.cat([ranked[torch.argsort(rank[ranked])], rest])
+        h = torch.log1p(x[:, cols].float()) @ self.feat_enc.emb[cols]
+        if self.spatial_encoding:
             h = h + self.pe_enc(coords, len(h))
         return self.extra_linear(h)
 
@@ -223,21 +366,6 @@ class _PreLatentNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h)
-
-
-class _AELatent(nn.Module):
-    """Deterministic linear latent (``latent_mod='ae'``), used for annotation fine-tuning."""
-
-    def __init__(self, d_in: int, d_latent: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_latent)
-
-    def forward(self, h: torch.Tensor, **_: object) -> dict[str, torch.Tensor]:
-        z = self.proj(h)
-        return {"z": z, "qz_mean": z}
-
-    def loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return out["z"].new_zeros(())
 
 
 class _LatentStack(nn.Module):
@@ -261,16 +389,15 @@ class _NBOutput(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.dec_mean(F.relu(self.dec_1(h))).exp().clamp(*NB_MEAN_RANGE)
-        disp = self.dec_disp.exp().clamp(*NB_DISP_RANGE)
-        return mean, disp
+        return mean, self.dec_disp.exp().clamp(*NB_DISP_RANGE)
 
 
 class CellPLMDecoder(nn.Module):
-    """Batch-aware negative-binomial MLP decoder (``dec_mod='nbmlp'``).
+    """Negative-binomial MLP decoder (``dec_mod='nbmlp'``).
 
-    After each hidden block a covariate term is added per covariate type: the embedding of
-    the cell's label when given, otherwise the SUM of all rows of the embedding table (what
-    the reference pipelines use at inference, where no labels are passed).
+    After each hidden block a covariate term is added per covariate type (batch, dataset):
+    the SUM of all rows of its embedding table through PReLU + GroupNorm, which is what the
+    reference pipelines use (they never pass the pretraining corpus's batch labels).
     """
 
     def __init__(self, config: CellPLMConfig) -> None:
@@ -300,19 +427,13 @@ class CellPLMDecoder(nn.Module):
         )
         self.out_layer = _NBOutput(dims[-1], c.out_dim)
 
-    def forward(
-        self, z: torch.Tensor, covariates: dict[str, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """NB mean ``[N, out_dim]`` and dispersion ``[out_dim]``."""
         h = z
-        for block, cov in zip(self.layers, self.covariate_layers):
+        for block, covariates in zip(self.layers, self.covariate_layers, strict=True):
             h = block(h)
-            for name, emb in cov.items():
-                label = None if covariates is None else covariates.get(name)
-                if label is None:
-                    h = h + emb[2](emb[1](emb[0].weight.sum(dim=0, keepdim=True)))
-                else:
-                    h = h + emb(label.long().reshape(-1))
+            for emb in covariates.values():
+                h = h + emb[2](emb[1](emb[0].weight.sum(dim=0, keepdim=True)))
         return self.out_layer(h)
 
 
@@ -354,226 +475,268 @@ class CellPLMModule(BaseModuleClass):
         Add the 2-D sinusoidal positional encoding (off in the released models).
     """
 
+    #: Built in the reference but never used by its forward (``norm0``; the frozen PE table,
+    #: which :class:`~scfm.nn.Sinusoidal2dPE` computes on the fly).
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [
+        r"^embedder\.norm0\.",
+        r"^embedder\.pe_enc\.pe_enc\.weight$",
+    ]
+    #: Releases trimmed of the unused positional-encoding tensors still load.
+    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [r"^embedder\.pe_enc\.missing_pe$"]
+    #: Linear layers LoRA adapts in fine-tuning (fnmatch over module names): the Flowformer
+    #: query and value projections, as LoRA is usually applied to attention.
+    _lora_target_modules: ClassVar[list[str]] = [
+        "encoder.layers.*.self_attn.query_projection",
+        "encoder.layers.*.self_attn.value_projection",
+    ]
+
     def __init__(self, config: CellPLMConfig, spatial_encoding: bool = False) -> None:
         super().__init__()
         c = config
         self.config = c
-        self.spatial_encoding = spatial_encoding
         self.embedder = CellPLMEmbedder(c.out_dim, c.enc_hid, c.model_dropout, spatial_encoding)
         self.encoder = FlowformerEncoder(c.enc_hid, c.enc_layers, c.enc_head, c.model_dropout)
         self.pre_latent_norm = _PreLatentNorm(c.enc_hid)
         if c.latent_mod == "vae":
             latent: nn.Module = VAELatent(c.enc_hid, c.post_latent_dim)
-        elif c.latent_mod == "gmvae":
+        else:
             latent = GMVAELatent(
                 c.enc_hid, c.post_latent_dim, c.num_clusters, c.lamda, c.w_li, c.w_en
             )
-        else:
-            latent = _AELatent(c.enc_hid, c.post_latent_dim)
         self.latent = _LatentStack(latent)
         self.decoder = CellPLMDecoder(c)
-        # adata.var positions of the genes in the vocabulary, and their vocabulary rows; set by
-        # the model from its gene alignment (not part of the state dict: they describe the data).
-        #: Cell-type classifier added by ``add_annotation_head`` (fine-tuning).
-        self.annotation_head: nn.Module | None = None
-        self.register_buffer("var_index", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("vocab_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        #: Cell-type head added by :meth:`add_classifier` (fine-tuning).
+        self.classifier: nn.Module | None = None
 
-    def set_gene_index(self, var_index: np.ndarray, vocab_index: np.ndarray) -> None:
-        """Select the vocabulary genes of the input (``adata.var`` order) and their rows."""
-        device = self.embedder.feat_enc.emb.device
-        self.var_index = torch.as_tensor(np.asarray(var_index), dtype=torch.long, device=device)
-        self.vocab_index = torch.as_tensor(np.asarray(vocab_index), dtype=torch.long, device=device)
+    @property
+    def spatial_encoding(self) -> bool:
+        """Whether the coordinates' positional encoding is added to the cell tokens."""
+        return self.embedder.spatial_encoding
 
-    def add_annotation_head(self, n_classes: int) -> None:
-        """Add the reference's annotation head for ``n_classes`` cell types.
+    def add_classifier(self, n_labels: int) -> None:
+        """Add the reference annotation head for ``n_labels`` cell types.
 
-        ``Linear(enc_hid, post_latent_dim)`` (the ``'ae'`` latent of the reference annotation
-        pipeline) -> Dropout -> ``Linear(post_latent_dim, n_classes)``.
+        ``Linear(enc_hid, post_latent_dim)`` (the ``'ae'`` latent of the reference
+        ``CellTypeAnnotationPipeline``) -> Dropout -> ``Linear(post_latent_dim, n_labels)``,
+        on the pre-latent encoder output of each cell.
         """
         c = self.config
-        self.annotation_head = nn.Sequential(
+        self.classifier = nn.Sequential(
             nn.Linear(c.enc_hid, c.post_latent_dim),
             nn.Dropout(c.model_dropout),
-            nn.Linear(c.post_latent_dim, n_classes),
+            nn.Linear(c.post_latent_dim, n_labels),
         ).to(self.embedder.feat_enc.emb.device)
-
-    def annotation_logits(
-        self,
-        x: torch.Tensor,
-        sentence: torch.Tensor,
-        coords: torch.Tensor | None = None,
-        augment: bool = False,
-    ) -> torch.Tensor:
-        """Class logits of each cell; ``augment`` applies the pretraining input masking."""
-        if self.annotation_head is None:
-            raise InvalidInputError("No annotation head: call CellPLM.train_annotation first.")
-        x_kept = self.kept_counts(x)
-        if augment:
-            x_kept, _ = self._mask_for_pretraining(x_kept)
-        if not (self.spatial_encoding and coords is not None):
-            coords = None
-        h = self.pre_latent_norm(self.encode(self.embed_cells(x_kept, coords), sentence))
-        return self.annotation_head(h)
-
-    # ------------------------------------------------------------------ pieces
-    def kept_counts(self, x: torch.Tensor) -> torch.Tensor:
-        """Counts of the vocabulary genes, ``[N, n_kept]`` (input gene order).
-
-        ``log1p`` of this is :func:`scfm.data.cellplm_expression_input`; masking for
-        pretraining acts on the counts, hence the two steps.
-        """
-        return x[:, self.var_index].float()
-
-    def embed_cells(self, x_kept: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedder output (one token per cell) from the counts of the kept genes."""
-        return self.embedder(torch.log1p(x_kept), self.vocab_index, coords)
-
-    def encode(self, h: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        """Flowformer over the cells of each sentence; cells of different sentences never mix."""
-        packed, mask, flat = pack_sentences(h, sentence)
-        out = self.encoder(packed, mask)
-        return out.reshape(-1, out.shape[-1])[flat]
 
     # ------------------------------------------------------------------ scvi-tools API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        batch = tensors.get(REGISTRY_KEYS.BATCH_KEY)
-        x = tensors[REGISTRY_KEYS.X_KEY]
-        sentence = (
-            batch.reshape(-1).long()
-            if batch is not None
-            else torch.zeros(len(x), dtype=torch.long, device=x.device)
-        )
-        return {"x": x, "sentence": sentence, "coords": tensors.get(SPATIAL_KEY)}
+        def plan(name: str) -> torch.Tensor | None:
+            return tensors.get(PLAN_KEYS[name])
 
-    def _mask_for_pretraining(self, x_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference "input" masking: returns masked counts and the masked-entry indicator."""
-        c = self.config
-        n = len(x_kept)
-        cells = torch.rand(n, device=x_kept.device) < c.mask_node_rate
-        if c.mask_beta:
-            beta = 4.0 / c.mask_feature_rate + 2.0 - MASK_BETA_ALPHA
-            ratio = torch.distributions.Beta(MASK_BETA_ALPHA, beta).sample((n,)).to(x_kept.device)
-            ratio = ratio.clamp(max=MASK_RATIO_CAP)
-        else:
-            ratio = torch.full((n,), c.mask_feature_rate, device=x_kept.device)
-        entries = (torch.rand_like(x_kept) < ratio[:, None]) & cells[:, None] & (x_kept > 0)
-        return x_kept.masked_fill(entries, 0.0), entries
+        sentence = plan("sentence")
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "sentence": None if sentence is None else sentence.reshape(-1).long(),
+            "coords": plan("coords"),
+            "noise": plan("noise"),
+            "gene_rank": plan("gene_rank"),
+            "mask_rate": plan("mask_rate"),
+        }
 
     @auto_move_data
     def inference(
         self,
         x: torch.Tensor,
-        sentence: torch.Tensor,
+        sentence: torch.Tensor | None = None,
         coords: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        coords_normalized: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """Cell embeddings of a minibatch of sentences.
+        gene_rank: torch.Tensor | None = None,
+        mask_rate: torch.Tensor | None = None,
+        hidden_layer: int | None = None,
+        output: str = "embedding",
+        decode: bool = False,
+        rescale: bool = True,
+        mask: bool = False,
+    ) -> ModuleOutput:
+        """Embed (and optionally decode) a minibatch of whole sentences.
 
         Parameters
         ----------
         x
-            ``[N, n_vars]`` raw counts in ``adata.var`` order.
+            ``[N, n_vocab]`` raw counts in the model's gene space.
         sentence
-            ``[N]`` sentence id of each cell (cells of one id attend to each other).
+            ``[N]`` sentence id of each cell (cells with one id attend to each other);
+            ``None``: all cells form one sentence.
         coords
-            ``[N, 2]`` coordinates; only used with ``spatial_encoding``. Min-max scaled to
-            ``[0, 1]`` per sentence here unless ``coords_normalized``.
+            ``[N, 2]`` coordinates already scaled to ``[0, 1]`` (the model scales them per
+            sample, in training and inference alike); used only with ``spatial_encoding``.
         noise
-            ``[N, num_clusters]`` Gumbel noise for the GMVAE cluster choice (``None``:
-            most probable cluster in eval).
-        coords_normalized
-            ``coords`` are already scaled to ``[0, 1]`` (the model scales them per sample).
+            ``[N, num_clusters]`` Gumbel noise of the GMVAE cluster choice in eval
+            (``None``: the most probable cluster).
+        gene_rank
+            ``[N, n_vocab]`` int, 1 + the AnnData column of each gene the cell's dataset
+            measured, negative for genes it did not measure, 0 for genes the AnnData lacks
+            (:func:`scfm.data._cellplm_sentences.cellplm_gene_rank`). The decoded expression
+            is rescaled so that measured genes sum to the cell's observed total, the training
+            loss counts only them, and the embedder sums genes in this order. ``None``: every
+            gene measured, vocabulary order.
+        mask_rate
+            ``[N]`` probability that ``mask`` masks each cell (``None``:
+            ``config.mask_node_rate``).
+        hidden_layer
+            ``None``: ``cell_embedding`` is given by ``output``. An int reads the Flowformer
+            states instead, Python indexing over (embedder output, layer 1, ..., layer N).
+        output
+            ``cell_embedding`` without ``hidden_layer``: ``"embedding"`` (latent mean),
+            ``"pre_latent"`` (LayerNorm'd encoder output), GMVAE ``"cluster_logits"`` or
+            ``"cluster"`` (the chosen cluster, one-hot).
+        decode
+            Fill ``expression`` with the NB mean of every vocabulary gene.
+        rescale
+            Rescale the decoded mean to each cell's observed total over ``measured`` genes
+            (the reference ``ImputationPipeline``); ``False``: the raw NB mean.
+        mask
+            Corrupt the input as the reference pretraining does (the training plan asks for
+            it): node dropping (a cell's row is kept, see :meth:`_drop_cells`) and masking of
+            expressed genes.
 
         Returns
         -------
-        ``z`` (the embedding), the intermediates ``h_embed``, ``h_encoder``, ``h_prelatent``,
-        the latent's outputs, and in training ``kept_cells`` / ``masked_entries``.
+        :class:`~scfm.module.ModuleOutput`: ``cell_embedding``, ``logits`` (with a classifier),
+        ``expression`` (with ``decode``); ``extra`` holds ``h_prelatent`` and the latent's
+        outputs (``qz_mean``, ``qz_var``, ``z``; GMVAE also ``cluster_logits``, ``cluster``,
+        ``prior_mean``, ``prior_var``) and, with ``mask``, ``kept`` (cells the reconstruction
+        loss counts) and ``masked_entries``.
         """
-        out: dict[str, torch.Tensor] = {}
-        x_kept = self.kept_counts(x)
-        if self.training:
-            keep = self._drop_cells(sentence)
-            x_kept, sentence = x_kept[keep], sentence[keep]
-            coords = None if coords is None else coords[keep]
-            out["kept_cells"] = keep
-            x_kept, out["masked_entries"] = self._mask_for_pretraining(x_kept)
-        if not self.spatial_encoding or coords is None:
-            coords = None
-        elif not coords_normalized:
-            coords = _minmax_per_group(coords.float(), sentence)
-        h_embed = self.embed_cells(x_kept, coords)
-        h_encoder = self.encode(h_embed, sentence)
-        h_pre = self.pre_latent_norm(h_encoder)
+        extra: dict[str, torch.Tensor] = {}
+        if sentence is None:
+            sentence = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        x_in = x
+        if mask:
+            sentence, extra["kept"] = self._drop_cells(sentence)
+            x_in, extra["masked_entries"] = self._mask_counts(x, mask_rate)
+        h = self.embedder(x_in, coords, gene_rank)
+        if hidden_layer is not None:
+            n_layers = range(self.config.enc_layers + 1)[hidden_layer]
+            h = self.encode(h, sentence, n_layers)
+            return ModuleOutput(cell_embedding=h, extra=extra)
+        h_pre = self.pre_latent_norm(self.encode(h, sentence))
         latent = self.latent.head(h_pre, noise=noise)
-        out.update(h_embed=h_embed, h_encoder=h_encoder, h_prelatent=h_pre, **latent)
+        extra.update(h_prelatent=h_pre, **latent)
+        cell = {"embedding": latent["qz_mean"], "pre_latent": h_pre}.get(output)
+        out = ModuleOutput(cell_embedding=cell if cell is not None else latent[output], extra=extra)
+        if self.classifier is not None:
+            out.logits = self.classifier(h_pre)
+        if decode:
+            mean, extra["dispersion"] = self.decoder(latent["z"])
+            measured = None if gene_rank is None else gene_rank > 0
+            out.expression = _rescale(mean, x, measured) if rescale else mean
         return out
 
-    def _drop_cells(self, sentence: torch.Tensor) -> torch.Tensor:
-        """Indices of the cells kept after the reference's random node dropping."""
+    def encode(
+        self, h: torch.Tensor, sentence: torch.Tensor, n_layers: int | None = None
+    ) -> torch.Tensor:
+        """Flowformer over the cells of each sentence; cells of different sentences never mix."""
+        packed, mask, flat = pack_sentences(h, sentence)
+        out = self.encoder(packed, mask, n_layers)
+        return out.reshape(-1, out.shape[-1])[flat]
+
+    def _drop_cells(self, sentence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's node dropping, keeping one output row per cell.
+
+        Per sentence a random ``drop_node_rate`` share of cells (and any beyond
+        ``max_batch_size``) leaves the sentence: the kept cells attend only to each other,
+        as in the reference. The dropped cells form a sentence of their own, so that every
+        row still has an output (a classification loss needs one per label); only kept
+        cells count in the reconstruction loss.
+
+        Returns
+        -------
+        The new sentence ids and the ``[N]`` bool mask of kept cells.
+        """
         c = self.config
-        keep = torch.rand(len(sentence), device=sentence.device) >= c.drop_node_rate
-        if not keep.any():
-            keep[0] = True
-        idx = torch.nonzero(keep).squeeze(1)
-        return idx[: c.max_batch_size]
+        kept = torch.rand(len(sentence), device=sentence.device) >= c.drop_node_rate
+        # at most max_batch_size kept cells per sentence (in minibatch order)
+        order = torch.argsort(sentence, stable=True)
+        counts = torch.bincount(sentence[order][kept[order]], minlength=int(sentence.max()) + 1)
+        rank = torch.cumsum(kept[order].long(), 0) - 1
+        starts = torch.cumsum(counts, 0) - counts
+        rank = rank - starts[sentence[order]]
+        kept[order] &= rank < c.max_batch_size
+        if not kept.any():
+            kept[0] = True
+        return sentence * 2 + (~kept).long(), kept
+
+    def _mask_counts(
+        self, x: torch.Tensor, mask_rate: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference "input" masking: masked counts and the masked-entry indicator.
+
+        A cell is masked with probability ``mask_rate`` (per cell) or ``mask_node_rate``; each
+        of its NON-ZERO entries is then set to 0 with a per-cell ratio ``r ~ Beta`` (or
+        ``mask_feature_rate``).
+        """
+        c = self.config
+        n = len(x)
+        rate = c.mask_node_rate if mask_rate is None else mask_rate.reshape(-1).to(x.dtype)
+        cells = torch.rand(n, device=x.device) < rate
+        if c.mask_beta:
+            beta = 4.0 / c.mask_feature_rate + 2.0 - MASK_BETA_ALPHA
+            ratio = torch.distributions.Beta(MASK_BETA_ALPHA, beta).sample((n,)).to(x.device)
+            ratio = ratio.clamp(max=MASK_RATIO_CAP)
+        else:
+            ratio = torch.full((n,), c.mask_feature_rate, device=x.device)
+        # draw only for non-zero entries (zeros stay zeros), not for the whole vocabulary
+        row, col = torch.nonzero(x > 0, as_tuple=True)
+        hit = (torch.rand(len(row), device=x.device) < ratio[row]) & cells[row]
+        entries = torch.zeros_like(x, dtype=torch.bool)
+        entries[row[hit], col[hit]] = True
+        return x.masked_fill(entries, 0.0), entries
 
     def _get_generative_input(
-        self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor]
+        self, tensors: dict[str, torch.Tensor], inference_outputs: ModuleOutput
     ) -> dict[str, Any]:
-        return {"z": inference_outputs["z"]}
+        return {"z": inference_outputs.extra["z"]}
 
     @auto_move_data
-    def generative(
-        self, z: torch.Tensor, covariates: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
+    def generative(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """NB mean over the whole vocabulary (``[N, out_dim]``) and dispersion (``[out_dim]``)."""
-        mean, disp = self.decoder(z, covariates)
+        mean, disp = self.decoder(z)
         return {"mean": mean, "disp": disp}
 
     def loss(
         self,
         tensors: dict[str, torch.Tensor],
-        inference_outputs: dict[str, torch.Tensor],
+        inference_outputs: ModuleOutput,
         generative_outputs: dict[str, torch.Tensor],
-        gene_mask: torch.Tensor | None = None,
     ) -> LossOutput:
         """Masked NB reconstruction (+ masked-entry term when ``dae``) + latent loss.
 
-        Parameters
-        ----------
-        tensors, inference_outputs, generative_outputs
-            As in scvi-tools.
-        gene_mask
-            ``[N, n_kept]`` bool: which genes each cell's dataset measured (the reference's
-            ``batch_gene_list``); unmeasured genes are left out of the loss and of the
-            rescaling. ``None``: all genes count.
+        Only the measured genes (``gene_rank > 0`` of the plan, the reference's
+        ``batch_gene_list``) count in the loss and in the per-cell rescaling; kept cells
+        with masked entries (all kept cells outside training) are scored.
         """
-        x = self.kept_counts(tensors[REGISTRY_KEYS.X_KEY])
-        kept = inference_outputs.get("kept_cells")
-        if kept is not None:
-            x = x[kept]
-            gene_mask = None if gene_mask is None else gene_mask[kept]
-        measured = torch.ones_like(x) if gene_mask is None else gene_mask.to(x.dtype)
+        x = tensors[REGISTRY_KEYS.X_KEY].float()
+        extra = inference_outputs.extra
+        rank = tensors.get(PLAN_KEYS["gene_rank"])
+        measured = torch.ones_like(x) if rank is None else (rank > 0).to(x)
         x = x * measured  # unmeasured entries count neither in the loss nor in the totals
-        masked = inference_outputs.get("masked_entries")
-        mean = generative_outputs["mean"][:, self.vocab_index] * measured
-        theta = generative_outputs["disp"][self.vocab_index].expand_as(mean)
-        cells = masked.any(dim=1) if masked is not None else torch.ones(len(x), dtype=torch.bool)
-        if not cells.any():
-            cells = torch.ones_like(cells)
+        mean = generative_outputs["mean"] * measured
+        theta = generative_outputs["disp"].expand_as(mean)
+        masked = extra.get("masked_entries")
+        cells = extra.get("kept", torch.ones(len(x), dtype=torch.bool, device=x.device))
+        if masked is not None and bool((cells & masked.any(dim=1)).any()):
+            cells = cells & masked.any(dim=1)
         x, mean, theta, measured = x[cells], mean[cells], theta[cells], measured[cells]
-        mu = _rescale(mean, x.sum(1)).clamp(min=NB_MEAN_RANGE[0])
+        mu = _scale_to(mean, x.sum(1)).clamp(min=NB_MEAN_RANGE[0])
         nll = -(NegativeBinomial(mu=mu, theta=theta).log_prob(x) * measured).sum(1)
         recon = nll.mean()
         if self.config.dae and masked is not None:
             m = masked[cells].to(x.dtype) * measured
             target = x * m
-            mu_m = _rescale(mean * m, target.sum(1)).clamp(min=NB_MEAN_RANGE[0])
+            mu_m = _scale_to(mean * m, target.sum(1)).clamp(min=NB_MEAN_RANGE[0])
             dae = -(NegativeBinomial(mu=mu_m, theta=theta).log_prob(target) * m).sum(1)
             recon = recon + dae.mean()
-        latent_loss = self.latent.head.loss(inference_outputs)
+        latent_loss = self.latent.head.loss(extra)
         return LossOutput(
             loss=recon + latent_loss,
             reconstruction_loss=nll,
@@ -581,18 +744,16 @@ class CellPLMModule(BaseModuleClass):
         )
 
 
-def _rescale(mean: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+def _scale_to(mean: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """Scale each row of ``mean`` to sum to ``total`` (the cell's observed count)."""
     return mean / mean.sum(dim=1, keepdim=True).clamp(min=1e-8) * total[:, None]
 
 
-def _minmax_per_group(coords: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Min-max scale coordinates to [0, 1] within each group (training path)."""
-    out = torch.empty_like(coords[:, :2])
-    for g in torch.unique(group):
-        sel = group == g
-        xy = coords[sel, :2]
-        lo, hi = xy.min(0).values, xy.max(0).values
-        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-        out[sel] = torch.where(hi > lo, (xy - lo) / span, torch.full_like(xy, 0.5))
-    return out
+def _rescale(mean: torch.Tensor, x: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
+    """The reference imputation output: ``mean`` times observed / predicted measured total."""
+    if measured is None:
+        observed, predicted = x.sum(1), mean.sum(1)
+    else:
+        m = measured.to(mean.dtype)
+        observed, predicted = (x * m).sum(1), (mean * m).sum(1)
+    return mean * (observed / predicted.clamp(min=1e-12))[:, None]

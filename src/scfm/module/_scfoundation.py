@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+import math
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,23 +22,31 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from scfm.data._scfoundation_tokenizer import (
-    PreNormalized,
-    scfoundation_align_counts,
+    INPUT_KINDS,
     scfoundation_gather,
     scfoundation_preprocess,
 )
-from scfm.errors import InvalidInputError
+from scfm.errors import CheckpointFormatError, InvalidInputError
+from scfm.module._outputs import ModuleOutput
 from scfm.nn._autobin import AutoDiscretizationEmbedding
 from scfm.nn._performer import KeyMax, PerformerModule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TOTAL_COUNTS_KEY", "ScFoundationConfig", "ScFoundationModule"]
+__all__ = [
+    "INPUT_KIND_KEY",
+    "TOTAL_COUNTS_KEY",
+    "ScFoundationConfig",
+    "ScFoundationModule",
+]
 
-PoolType = Literal["all", "max"]
+Pooling = Literal["all", "max"]
+Decode = Literal["states", "expression"]
 
 #: Registry key of the raw total count per cell (``pre_normalized="A"``).
 TOTAL_COUNTS_KEY = "total_counts"
+#: Minibatch key of the per-cell input kind (index into ``INPUT_KINDS``: F, T, A).
+INPUT_KIND_KEY = "scfoundation_input_kind"
 #: Number of cell-level depth tokens appended after the genes (T, S).
 N_DEPTH_TOKENS = 2
 #: Hidden width of the annotation head (reference ``finetune_model.py``).
@@ -44,15 +54,66 @@ CLASSIFIER_HIDDEN = 256
 #: Tokens per group of cells in packed inference. On CPU the activations of a group stay
 #: below glibc's 32 MB mmap threshold, so buffers are reused instead of page-faulted afresh
 #: every layer (measured: 2,048 is ~10% faster than the whole minibatch); on GPU bigger
-#: groups feed bigger GEMMs.
+#: groups feed bigger GEMMs. A cell longer than the budget is its own group.
 MAX_GROUP_TOKENS = {"cpu": 2048, "default": 65536}
+#: Decoder positions (cells x seq_len) per chunk in inference: one release-size cell on
+#: CPU (~0.5 GB of activations), a few dozen on GPU.
+MAX_DECODER_TOKENS = {"cpu": 32_768, "default": 524_288}
+
+#: Upper bounds of a sane config (a few times the release's sizes): anything larger is a
+#: corrupted or mistyped config and must fail before memory is allocated.
+_MAX_SIZE = {
+    "seq_len": 1_000_000,
+    "encoder_hidden_dim": 65_536,
+    "encoder_depth": 1_024,
+    "encoder_heads": 1_024,
+    "decoder_hidden_dim": 65_536,
+    "decoder_depth": 1_024,
+    "decoder_heads": 1_024,
+    "decoder_dim_head": 8_192,
+    "bin_num": 100_000,
+}
+_PROBABILITIES = ("value_mask_prob", "zero_mask_prob", "replace_prob", "random_token_prob")
+#: Release config key of each nested field (messages name the key the user can find).
+_RELEASE_KEYS = {
+    "encoder_hidden_dim": "encoder.hidden_dim",
+    "encoder_depth": "encoder.depth",
+    "encoder_heads": "encoder.heads",
+    "decoder_hidden_dim": "decoder.hidden_dim",
+    "decoder_depth": "decoder.depth",
+    "decoder_heads": "decoder.heads",
+    "decoder_dim_head": "decoder.dim_head",
+}
+
+
+def _config_int(value: Any, key: str) -> int:
+    """An integer config entry (integral floats accepted, as JSON may store them)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CheckpointFormatError(
+            f"The scFoundation config key {key!r} must be an integer, got "
+            f"{type(value).__name__} {value!r}."
+        )
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise CheckpointFormatError(
+            f"The scFoundation config key {key!r} must be an integer, got {value!r}."
+        )
+    return int(value)
+
+
+def _config_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CheckpointFormatError(
+            f"The scFoundation config key {key!r} must be a finite number, got {value!r}."
+        )
+    return float(value)
 
 
 @dataclass(frozen=True)
 class ScFoundationConfig:
     """Architecture and pretraining hyper-parameters, named as in the released config.
 
-    Build it from the checkpoint with :meth:`from_reference`.
+    Build it from the checkpoint with :meth:`from_reference`; :meth:`validate` and
+    :meth:`check_state_dict` run before any module is built.
 
     Attributes
     ----------
@@ -100,36 +161,150 @@ class ScFoundationConfig:
         return self.seq_len - N_DEPTH_TOKENS
 
     @classmethod
-    def from_reference(cls, flat: dict[str, Any]) -> ScFoundationConfig:
-        """Parse the flattened reference config (``model_config`` + ``dataset_config.rnaseq``)."""
-        enc, dec = flat["encoder"], flat["decoder"]
-        values = {
-            "seq_len": int(flat["seq_len"]),
-            "encoder_hidden_dim": int(enc["hidden_dim"]),
-            "encoder_depth": int(enc["depth"]),
-            "encoder_heads": int(enc["heads"]),
-            "decoder_hidden_dim": int(dec["hidden_dim"]),
-            "decoder_depth": int(dec["depth"]),
-            "decoder_heads": int(dec["heads"]),
-            "decoder_dim_head": int(dec["dim_head"]),
+    def from_reference(cls, flat: Mapping[str, Any]) -> ScFoundationConfig:
+        """Parse the flattened reference config (``model_config`` + ``dataset_config.rnaseq``).
+
+        Raises
+        ------
+        CheckpointFormatError
+            Naming the key that is missing or of the wrong type.
+        """
+        if not isinstance(flat, Mapping):
+            raise CheckpointFormatError(
+                f"The scFoundation config must be a dict, got {type(flat).__name__}."
+            )
+        parts = {}
+        for part in ("encoder", "decoder"):
+            if not isinstance(flat.get(part), Mapping):
+                raise CheckpointFormatError(
+                    f"The scFoundation config lacks the {part!r} dict (hidden_dim, depth, "
+                    "heads, ...); the file is not a scFoundation release checkpoint."
+                )
+            parts[part] = flat[part]
+        required = {
+            "seq_len": ("seq_len", flat),
+            "encoder_hidden_dim": ("encoder.hidden_dim", parts["encoder"]),
+            "encoder_depth": ("encoder.depth", parts["encoder"]),
+            "encoder_heads": ("encoder.heads", parts["encoder"]),
+            "decoder_hidden_dim": ("decoder.hidden_dim", parts["decoder"]),
+            "decoder_depth": ("decoder.depth", parts["decoder"]),
+            "decoder_heads": ("decoder.heads", parts["decoder"]),
+            "decoder_dim_head": ("decoder.dim_head", parts["decoder"]),
         }
-        for name in (
-            "bin_num",
-            "bin_alpha",
-            "pad_token_id",
-            "mask_token_id",
-            "value_mask_prob",
-            "zero_mask_prob",
-            "replace_prob",
-            "random_token_prob",
-        ):
+        values: dict[str, Any] = {}
+        for field, (key, source) in required.items():
+            if key.rsplit(".", 1)[-1] not in source:
+                raise CheckpointFormatError(f"The scFoundation config lacks the key {key!r}.")
+            values[field] = _config_int(source[key.rsplit(".", 1)[-1]], key)
+        for name in ("bin_num", "pad_token_id", "mask_token_id"):
             if name in flat:
-                default = getattr(cls, name)
-                values[name] = type(default)(flat[name])
-        return cls(**values)
+                values[name] = _config_int(flat[name], name)
+        for name in ("bin_alpha", *_PROBABILITIES):
+            if name in flat:
+                values[name] = _config_float(flat[name], name)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check types and sizes (positive, not absurd, heads dividing the width).
+
+        Raises
+        ------
+        CheckpointFormatError
+            Naming the offending key.
+        """
+        for name, limit in _MAX_SIZE.items():
+            key = _RELEASE_KEYS.get(name, name)
+            value = _config_int(getattr(self, name), key)
+            low = N_DEPTH_TOKENS + 1 if name == "seq_len" else 1
+            if not low <= value <= limit:
+                raise CheckpointFormatError(
+                    f"The scFoundation config key {key!r} = {value} is outside [{low}, {limit}]; "
+                    "the config is damaged or belongs to another model."
+                )
+        if self.encoder_hidden_dim % self.encoder_heads:
+            raise CheckpointFormatError(
+                f"encoder.heads = {self.encoder_heads} does not divide encoder.hidden_dim = "
+                f"{self.encoder_hidden_dim}."
+            )
+        for name in ("bin_alpha", "pad_token_id", "mask_token_id"):
+            _config_float(getattr(self, name), name)
+        for name in (*_PROBABILITIES, "encoder_dropout"):
+            value = _config_float(getattr(self, name), name)
+            if not 0.0 <= value <= 1.0:
+                raise CheckpointFormatError(
+                    f"The scFoundation config key {name!r} = {value} is not a probability."
+                )
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the released tensors that the config determines."""
+        enc, dec, dh = self.encoder_hidden_dim, self.decoder_hidden_dim, self.decoder_dim_head
+        inner = self.decoder_heads * dh
+        return {
+            "token_emb.emb.weight": (self.bin_num, enc),
+            "token_emb.mlp.weight": (self.bin_num, 1),
+            "pos_emb.weight": (self.seq_len + 1, enc),
+            "encoder.transformer_encoder.0.self_attn.in_proj_weight": (3 * enc, enc),
+            "encoder.transformer_encoder.0.linear1.weight": (4 * enc, enc),
+            "decoder_embed.weight": (dec, enc),
+            "decoder.performer.net.layers.0.0.fn.to_q.weight": (inner, dec),
+            "decoder.performer.net.layers.0.0.fn.fast_attention.projection_matrix": (
+                int(dh * math.log(dh)),
+                dh,
+            ),
+            "to_final.weight": (1, dec),
+        }
+
+    def check_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
+        """Compare the config with the weight shapes before the module is built.
+
+        Raises
+        ------
+        CheckpointFormatError
+            Naming the config key that disagrees with the weights.
+        """
+        for key, shape in self.expected_shapes().items():
+            tensor = state_dict.get(key)
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise CheckpointFormatError(
+                    f"{what}: {key} has shape {tuple(tensor.shape)} but the config implies "
+                    f"{shape} (seq_len / hidden_dim / bin_num / dim_head). The config does not "
+                    "belong to these weights."
+                )
+        for name, pattern in (
+            ("encoder.depth", r"^encoder\.transformer_encoder\.(\d+)\."),
+            ("decoder.depth", r"^decoder\.performer\.net\.layers\.(\d+)\."),
+        ):
+            found = {int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))}
+            depth = self.encoder_depth if name == "encoder.depth" else self.decoder_depth
+            if found and len(found) != depth:
+                raise CheckpointFormatError(
+                    f"{what}: the config says {name} = {depth} but the weights hold "
+                    f"{len(found)} layers."
+                )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ScFoundationConfig:
+        """Build from scfm field names (a saved or hand-written config), validated.
+
+        Raises
+        ------
+        InvalidInputError
+            For a field the config does not have.
+        """
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown scFoundation config fields: {', '.join(sorted(unknown))} (fields: "
+                f"{', '.join(cls.__dataclass_fields__)})."
+            )
+        config = cls(**values)
+        config.validate()
+        return config
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for ``init_params`` and scvi-tools save / load)."""
+        """Plain dict (for ``init_params`` and saving)."""
         return dataclasses.asdict(self)
 
 
@@ -238,16 +413,10 @@ class ScFoundationEncoder(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """Encode ``x`` ``(b, n, dim)``; ``padding`` ``(b, n)`` is ``True`` at padded keys.
+        """Padded minibatch ``x`` ``(b, n, dim)``; ``padding`` ``(b, n)`` is ``True`` at pads.
 
-        In evaluation mode the valid tokens are packed (padding dropped) and the output is
-        zero at padded positions; in training mode padded keys are masked in attention.
+        Padded keys are masked in attention (the path with gradients and dropout).
         """
-        if not self.training:
-            valid = ~padding
-            # row-major: each cell's tokens stay contiguous and in order
-            out = self.forward_packed(x[valid], valid.sum(dim=1).tolist())
-            return x.new_zeros(x.shape).index_put_((valid,), out)
         attn_mask = None if not bool(padding.any()) else ~padding[:, None, None, :]
         for layer in self.transformer_encoder:
             x = layer(x, attn_mask)
@@ -257,16 +426,37 @@ class ScFoundationEncoder(nn.Module):
 class ScFoundationModule(BaseModuleClass):
     """The scFoundation ``MaeAutobin`` network with scvi-tools' module interface.
 
+    Its input is a minibatch in the model's gene space: ``x`` ``(b, n_genes)``, column ``j``
+    = gene ``j`` of the 19,264-gene list, raw counts or log-normalised values (per cell
+    :data:`INPUT_KIND_KEY`). Nothing in the module depends on an AnnData.
+
     Parameters
     ----------
     config
         Architecture (:class:`ScFoundationConfig`).
     n_labels
-        Number of cell labels of an annotation head (0: no head).
+        Number of cell labels of a classification head (0: none; see :meth:`add_classifier`).
     """
+
+    #: The release may lack the Performer's redraw counter (meaningless at inference) and
+    #: never holds a classification head.
+    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [
+        r"^decoder\.performer\.calls_since_last_redraw$",
+        r"^classifier(_norm)?\.",
+    ]
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = []
+    #: Linear layers LoRA adapts when fine-tuning (fnmatch patterns): the encoder's output
+    #: projection and feed-forward; its q/k/v are one bare ``in_proj_weight`` parameter (the
+    #: release's torch ``MultiheadAttention`` keys), which peft cannot wrap.
+    _lora_target_modules: ClassVar[list[str]] = [
+        "encoder.transformer_encoder.*.self_attn.out_proj",
+        "encoder.transformer_encoder.*.linear1",
+        "encoder.transformer_encoder.*.linear2",
+    ]
 
     def __init__(self, config: ScFoundationConfig, n_labels: int = 0) -> None:
         super().__init__()
+        config.validate()
         self.config = config
         c = config
         self.token_emb = AutoDiscretizationEmbedding(
@@ -284,49 +474,40 @@ class ScFoundationModule(BaseModuleClass):
         self.norm = nn.LayerNorm(c.decoder_hidden_dim)
         self.to_final = nn.Linear(c.decoder_hidden_dim, 1)
         self.classifier: nn.Module | None = None
-        self.classifier_norm: nn.Module | None = None
+        self.classifier_norm: nn.BatchNorm1d | None = None
         if n_labels:
             self.add_classifier(n_labels)
-        # how counts of a minibatch map to model input; set by the model class
-        self.register_buffer("var_index", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("vocab_index", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.pre_normalized: PreNormalized = "F"
         # pretraining: downsampling of the input counts (read-depth-aware objective)
         self.downsample_prob = 0.5
         self.min_downsample_fraction = 0.1
 
-    # ------------------------------------------------------------------ input
-    def set_input_layout(
-        self, var_index: torch.Tensor, vocab_index: torch.Tensor, pre_normalized: PreNormalized
-    ) -> None:
-        """Set the gene alignment of the registered AnnData and its value type."""
+    # ------------------------------------------------------------------ head
+    def add_classifier(self, n_labels: int) -> None:
+        """Attach the cell classification head of the reference ``finetune_model.py``.
+
+        Max pooling over the encoder tokens (padding excluded; the depth tokens included),
+        ``BatchNorm1d`` (no affine, eps 1e-6), then ``Linear(d, 256) -> ReLU ->
+        Linear(256, n_labels)``. The reference trains the head and ``transformer_encoder[-2]``
+        with everything else frozen.
+        """
+        d = self.config.encoder_hidden_dim
         device = self.pos_emb.weight.device
-        self.var_index = torch.as_tensor(var_index, dtype=torch.long, device=device)
-        self.vocab_index = torch.as_tensor(vocab_index, dtype=torch.long, device=device)
-        self.pre_normalized = pre_normalized
+        self.classifier_norm = nn.BatchNorm1d(d, affine=False, eps=1e-6).to(device)
+        self.classifier = nn.Sequential(
+            nn.Linear(d, CLASSIFIER_HIDDEN), nn.ReLU(), nn.Linear(CLASSIFIER_HIDDEN, n_labels)
+        ).to(device)
 
-    def align(self, x: torch.Tensor) -> torch.Tensor:
-        """Counts ``(b, n_vars)`` in ``adata.var`` order -> ``(b, n_genes)`` vocabulary order."""
-        return scfoundation_align_counts(x, self.var_index, self.vocab_index, self.config.n_genes)
-
-    def model_input(
-        self,
-        x: torch.Tensor,
-        tgthighres: str = "t4",
-        total_counts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Model input ``[x, T, S]`` ``(b, seq_len)`` from a minibatch of the registered matrix."""
-        aligned = self.align(x)
-        values = scfoundation_preprocess(aligned, self.pre_normalized, tgthighres, total_counts)
-        if not torch.isfinite(values).all():
-            bad = int((~torch.isfinite(values).all(dim=1)).sum())
-            raise InvalidInputError(
-                f"{bad} cells have no (or negative) expression in genes of the scFoundation "
-                "gene list, so their library size is 0 and the depth token S is undefined. "
-                "Remove them before embedding (e.g. keep cells with counts > 0 in the "
-                "matched genes: adata[adata[:, matched_genes].X.sum(1) > 0])."
-            )
-        return values
+    def _classify(self, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        assert self.classifier is not None and self.classifier_norm is not None
+        pooled = self.pool(hidden, padding, "max")
+        norm = self.classifier_norm
+        if norm.training and pooled.shape[0] == 1:
+            # BatchNorm has no batch statistics for one cell (a last minibatch of one):
+            # normalise it with the running statistics instead of failing.
+            pooled = F.batch_norm(pooled, norm.running_mean, norm.running_var, eps=norm.eps)
+        else:
+            pooled = norm(pooled)
+        return self.classifier(pooled)
 
     # ------------------------------------------------------------------ network pieces
     def encode(
@@ -334,24 +515,26 @@ class ScFoundationModule(BaseModuleClass):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the encoder over the kept positions (default ``values > 0``).
 
+        In training mode the minibatch is padded and padded keys are masked; otherwise the
+        real tokens are packed one cell after another (no padding FLOPs) and each cell
+        attends to its own tokens. Both give the same states at real tokens.
+
         Returns the encoder output ``(b, L, d)`` (after its final LayerNorm; zero at padding
-        in evaluation mode), the position ids and the padding mask ``(b, L)`` of the gathered
-        tokens.
+        when packed), the position ids and the padding mask ``(b, L)`` of the gathered tokens.
         """
         gathered, ids, padding = scfoundation_gather(
             values, keep, pad_value=float(self.config.pad_token_id), pad_id=self.config.seq_len
         )
-        if self.encoder.training:
+        if self.training:
             h = self.token_emb(gathered) + self.pos_emb(ids)
             return self.encoder(h, padding), ids, padding
-        # inference: embed and encode the real tokens only, packed one cell after another
         valid = ~padding
         h = self.token_emb(gathered[valid]) + self.pos_emb(ids[valid])
         h = self.encoder.forward_packed(h, valid.sum(dim=1).tolist())
         return h.new_zeros((*padding.shape, h.shape[-1])).index_put_((valid,), h), ids, padding
 
     @staticmethod
-    def pool(hidden: torch.Tensor, padding: torch.Tensor, pool_type: PoolType) -> torch.Tensor:
+    def pool(hidden: torch.Tensor, padding: torch.Tensor, pooling: Pooling) -> torch.Tensor:
         """Cell embedding from encoder outputs, per cell ignoring padding.
 
         ``"all"``: ``[S token, T token, max over genes, mean over genes]`` where the last two
@@ -359,12 +542,8 @@ class ScFoundationModule(BaseModuleClass):
         all tokens.
         """
         valid = ~padding
-        if pool_type == "max":
+        if pooling == "max":
             return hidden.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
-        if pool_type != "all":
-            raise InvalidInputError(
-                f"pool_type={pool_type!r} is not supported; use 'all' or 'max'."
-            )
         lengths = valid.sum(dim=1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, lengths - 1]
@@ -378,157 +557,231 @@ class ScFoundationModule(BaseModuleClass):
 
     def decode(
         self,
-        values: torch.Tensor,
-        keep: torch.Tensor | None = None,
-        decoder_values: torch.Tensor | None = None,
+        encoded: torch.Tensor,
+        ids: torch.Tensor,
+        padding: torch.Tensor,
+        decoder_values: torch.Tensor,
         key_max: KeyMax = "sample",
     ) -> torch.Tensor:
-        """Full encoder-decoder forward up to the final LayerNorm: ``(b, seq_len, d_dec)``.
+        """Decoder over all positions up to the final LayerNorm: ``(b, seq_len, d_dec)``.
 
-        Parameters
-        ----------
-        values
-            Model input ``(b, seq_len)``.
-        keep
-            Positions entering the encoder (default ``values > 0``).
-        decoder_values
-            Values embedded at the positions outside the encoder (default ``values``; the
-            pretraining objective puts the mask value there).
-        key_max
-            Stabiliser of the Performer key features: per cell (``"sample"``) or over the
-            minibatch (``"batch"``, the reference ``gene_batch`` mode).
+        ``decoder_values`` are embedded at every position; the encoder outputs replace them
+        at their own positions, then the positional embedding is added everywhere (so the
+        encoder positions receive it a second time, as in the reference). ``key_max``: the
+        Performer key stabiliser per cell (``"sample"``) or over the minibatch (``"batch"``,
+        the reference ``gene_batch`` mode).
         """
-        if keep is None:
-            keep = values > 0
-        enc, ids, padding = self.encode(values, keep)
-        dec = self.token_emb(values if decoder_values is None else decoder_values)
+        if self.training or key_max == "batch" or decoder_values.shape[0] <= 1:
+            return self._decode(encoded, ids, padding, decoder_values, key_max)
+        # Inference decodes a few cells at a time: the Performer's activations grow with
+        # cells x 19,266 positions (a 2048-wide feed-forward per position), and with a
+        # per-cell key maximum the result does not depend on the grouping.
+        budget = MAX_DECODER_TOKENS.get(encoded.device.type, MAX_DECODER_TOKENS["default"])
+        step = max(1, budget // decoder_values.shape[1])
+        parts = [
+            self._decode(encoded[i : i + step], ids[i : i + step], padding[i : i + step],
+                         decoder_values[i : i + step], key_max)
+            for i in range(0, decoder_values.shape[0], step)
+        ]  # fmt: skip
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _decode(
+        self,
+        encoded: torch.Tensor,
+        ids: torch.Tensor,
+        padding: torch.Tensor,
+        decoder_values: torch.Tensor,
+        key_max: KeyMax,
+    ) -> torch.Tensor:
+        dec = self.token_emb(decoder_values)
         valid = ~padding
-        rows = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(ids)
-        # encoder outputs replace the value embedding at their own positions
-        dec = dec.index_put((rows[valid], ids[valid]), enc[valid].to(dec.dtype))
-        dec = dec + self.pos_emb.weight[: values.shape[1]]
-        dec = self.decoder(self.decoder_embed(dec), key_max=key_max)
-        return self.norm(dec)
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        dec = dec.index_put((rows[valid], ids[valid]), encoded[valid].to(dec.dtype))
+        dec = dec + self.pos_emb.weight[: decoder_values.shape[1]]
+        return self.norm(self.decoder(self.decoder_embed(dec), key_max=key_max))
 
-    def reconstruct(self, values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Predicted expression ``(b, seq_len)`` (log1p-normalised scale at depth ``T``)."""
-        return self.to_final(self.decode(values, **kwargs)).squeeze(-1)
-
-    # ------------------------------------------------------------------ annotation head
-    def add_classifier(self, n_labels: int) -> None:
-        """Attach the annotation head of the reference ``finetune_model.py``.
-
-        Max pooling over encoder tokens, ``BatchNorm1d`` (no affine, eps 1e-6), then
-        ``Linear(d, 256) -> ReLU -> Linear(256, n_labels)``.
-        """
-        d = self.config.encoder_hidden_dim
-        self.classifier_norm = nn.BatchNorm1d(d, affine=False, eps=1e-6)
-        self.classifier = nn.Sequential(
-            nn.Linear(d, CLASSIFIER_HIDDEN), nn.ReLU(), nn.Linear(CLASSIFIER_HIDDEN, n_labels)
-        )
-        self.classifier.to(self.pos_emb.weight.device)
-        self.classifier_norm.to(self.pos_emb.weight.device)
-
-    def classify(self, values: torch.Tensor) -> torch.Tensor:
-        """Label logits ``(b, n_labels)`` from model input."""
-        if self.classifier is None or self.classifier_norm is None:
-            raise InvalidInputError("The model has no annotation head: call finetune() first.")
-        hidden, _, padding = self.encode(values)
-        return self.classifier(self.classifier_norm(self.pool(hidden, padding, "max")))
-
-    # ------------------------------------------------------------------ scvi-tools interface
-    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY], "total_counts": tensors.get(TOTAL_COUNTS_KEY)}
-
-    def _get_generative_input(
-        self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, Any]
-    ) -> dict[str, Any]:
-        return {
-            "values": inference_outputs["values"],
-            "keep": inference_outputs["keep"],
-            "decoder_values": inference_outputs["decoder_values"],
-        }
-
-    def _downsample(self, counts: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ pretraining input
+    def _downsample(self, counts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Binomially thin a random subset of cells to a random fraction of their reads."""
-        b = counts.shape[0]
-        frac = torch.empty(b, 1, device=counts.device).uniform_(self.min_downsample_fraction, 1.0)
-        chosen = torch.rand(b, 1, device=counts.device) < self.downsample_prob
+        b, device = counts.shape[0], counts.device
+        frac = torch.rand(b, 1, generator=generator, device=device)
+        frac = self.min_downsample_fraction + (1.0 - self.min_downsample_fraction) * frac
+        chosen = torch.rand(b, 1, generator=generator, device=device) < self.downsample_prob
         frac = torch.where(chosen, frac, torch.ones_like(frac))
-        thinned = torch.binomial(counts.float(), frac.expand_as(counts).float())
+        thinned = torch.binomial(
+            counts.float(), frac.expand_as(counts).float(), generator=generator
+        )
         # a cell thinned to nothing has no defined depth: keep it whole
         empty = thinned.sum(dim=1, keepdim=True) == 0
         return torch.where(empty, counts.float(), thinned)
 
-    @auto_move_data
-    def inference(
-        self, x: torch.Tensor, total_counts: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Build one masked, depth-aware pretraining example per cell.
-
-        With ``pre_normalized="F"`` a random half of the cells (``downsample_prob``) is
-        thinned to a uniform fraction in [0.1, 1] of its reads; the input gets
-        ``S = log10(thinned total)`` and ``T = log10(original total)`` and the target is the
-        original normalised profile. Then ``value_mask_prob`` of the non-zero and
-        ``zero_mask_prob`` of the zero gene values are masked: they leave the encoder and
-        the decoder sees the mask value (or, BERT-style, a random or the original value).
-        """
-        c = self.config
-        g = c.n_genes
-        aligned = self.align(x)
-        if self.pre_normalized == "F":
-            source = self._downsample(aligned)
-            target_values = self.model_input(x, "f1")
-            values = scfoundation_preprocess(source, "F", "f1")
-            values[:, g] = target_values[:, g]  # T = depth of the original profile
-        else:
-            # normalised input: depth cannot be resampled, T = S
-            values = self.model_input(x, "f1", total_counts)
-            target_values = values
+    def _masked_example(
+        self,
+        x: torch.Tensor,
+        kind: torch.Tensor,
+        total_counts: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One masked, depth-aware pretraining example per cell (see :meth:`inference`)."""
+        c, g = self.config, self.config.n_genes
+        target_values = scfoundation_preprocess(x, kind, "f1", total_counts)
+        # raw counts: a random share of the cells is thinned; S = thinned depth, T = original
+        counts = kind == INPUT_KINDS.index("F")
+        source = torch.where(counts[:, None], self._downsample(x, generator), x.float())
+        values = scfoundation_preprocess(source, kind, "f1", total_counts)
+        values[:, g] = target_values[:, g]
         genes = values[:, :g]
         nonzero = genes > 0
-        draw = torch.rand_like(genes)
-        masked = torch.where(nonzero, draw < c.value_mask_prob, draw < c.zero_mask_prob)
+
+        def draw() -> torch.Tensor:
+            return torch.rand(genes.shape, generator=generator, device=genes.device)
+
+        masked = torch.where(nonzero, draw() < c.value_mask_prob, draw() < c.zero_mask_prob)
         # BERT-style replacement of the masked values seen by the decoder
-        choice = torch.rand_like(genes)
-        random_values = torch.rand_like(genes) * genes.amax(dim=1, keepdim=True)
+        choice = draw()
+        random_values = draw() * genes.amax(dim=1, keepdim=True)
         dec_genes = torch.where(
             masked & (choice < c.replace_prob), torch.full_like(genes, c.mask_token_id), genes
         )
-        dec_genes = torch.where(
-            masked & (choice >= c.replace_prob) & (choice < c.replace_prob + c.random_token_prob),
-            random_values,
-            dec_genes,
-        )
-        decoder_values = torch.cat([dec_genes, values[:, g:]], dim=1)
+        random_pick = (choice >= c.replace_prob) & (choice < c.replace_prob + c.random_token_prob)
+        dec_genes = torch.where(masked & random_pick, random_values, dec_genes)
         keep = values > 0
         keep[:, :g] &= ~masked
+        decoder_values = torch.cat([dec_genes, values[:, g:]], dim=1)
+        return values, keep, decoder_values, masked, target_values[:, :g]
+
+    # ------------------------------------------------------------------ scvi-tools interface
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {
-            "values": values,
-            "keep": keep,
-            "decoder_values": decoder_values,
-            "masked": masked,
-            "target": target_values[:, :g],
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "total_counts": tensors.get(TOTAL_COUNTS_KEY),
+            "input_kind": tensors.get(INPUT_KIND_KEY),
         }
 
     @auto_move_data
-    def generative(
-        self, values: torch.Tensor, keep: torch.Tensor, decoder_values: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Predicted expression of every position."""
-        pred = self.to_final(self.decode(values, keep, decoder_values)).squeeze(-1)
-        return {"prediction": pred[:, : self.config.n_genes]}
+    def inference(
+        self,
+        x: torch.Tensor,
+        total_counts: torch.Tensor | None = None,
+        input_kind: torch.Tensor | None = None,
+        *,
+        tgthighres: str = "t4",
+        pooling: Pooling | None = "all",
+        decode: Decode | None = None,
+        key_max: KeyMax = "sample",
+        mask: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> ModuleOutput:
+        """The one forward pass: embedding, gene states, expression, logits, pretraining.
+
+        Parameters
+        ----------
+        x
+            ``(b, n_genes)`` values in the model's gene space.
+        total_counts
+            ``(b,)`` or ``(b, 1)`` raw total counts (input kind ``"A"`` only).
+        input_kind
+            ``(b,)`` index into ``("F", "T", "A")`` per cell: raw counts, log-normalised
+            values (total = their sum, as the reference), log-normalised values with
+            ``total_counts``. ``None``: raw counts.
+        tgthighres
+            Target depth token ``T`` (``"t4"``, ``"fN"``, ``"aN"``; see
+            :func:`~scfm.data.scfoundation_preprocess`). Ignored when masking (T = original
+            depth).
+        pooling
+            Cell embedding from the encoder: ``"all"`` / ``"max"``; ``None``: none.
+        decode
+            Run the decoder: ``"states"`` fills ``token_states`` (decoder output after both
+            final LayerNorms, ``(b, n_genes, d_dec)``) and ``token_genes``; ``"expression"``
+            fills ``expression`` (``to_final`` output, log1p-normalised at depth ``T``).
+        key_max
+            Performer key stabiliser: ``"sample"`` (per cell, default) or ``"batch"``.
+        mask
+            Build the read-depth-aware masked pretraining example (raw-count cells are
+            thinned; 30% of non-zero and 3% of zero genes masked) and decode it; ``extra``
+            holds ``"masked"`` and ``"target"``. The pretraining plan asks for it; fine-tuning
+            trains without it.
+        generator
+            Random source of the masking; ``None`` uses torch's global generator (seeded by
+            Lightning in training).
+
+        Returns
+        -------
+        :class:`~scfm.module.ModuleOutput`; ``logits`` whenever a head is attached.
+        """
+        b, g = x.shape[0], self.config.n_genes
+        if x.shape[1] != g:
+            raise InvalidInputError(
+                f"scFoundation expects {g} genes in model order, got {x.shape[1]} columns."
+            )
+        kind = torch.zeros(b, dtype=torch.long, device=x.device) if input_kind is None else (
+            input_kind.reshape(-1).long()
+        )  # fmt: skip
+        out = ModuleOutput()
+        if mask:
+            values, keep, decoder_values, masked, target = self._masked_example(
+                x, kind, total_counts, generator
+            )
+            out.extra = {"masked": masked, "target": target}
+        else:
+            values = scfoundation_preprocess(x, kind, tgthighres, total_counts)
+            keep, decoder_values = values > 0, values
+        _check_depth(values, g)
+        encoded, ids, padding = self.encode(values, keep)
+        if pooling is not None:
+            out.cell_embedding = self.pool(encoded, padding, pooling)
+        if self.classifier is not None and not mask:
+            out.logits = self._classify(encoded, padding)
+        if decode is not None or mask:
+            states = self.decode(encoded, ids, padding, decoder_values, key_max)[:, :g]
+            if decode == "states":
+                out.token_states = states
+                out.token_genes = torch.arange(g, device=x.device).expand(b, g)
+            if decode == "expression" or mask:
+                out.expression = self.to_final(states).squeeze(-1)
+        return out
+
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: ModuleOutput
+    ) -> dict[str, Any]:
+        return {}
+
+    def generative(self) -> dict[str, torch.Tensor]:
+        """Nothing left to do: :meth:`inference` already decoded the masked example."""
+        return {}
 
     def loss(
         self,
         tensors: dict[str, torch.Tensor],
-        inference_outputs: dict[str, torch.Tensor],
+        inference_outputs: ModuleOutput,
         generative_outputs: dict[str, torch.Tensor],
     ) -> LossOutput:
-        """Mean squared error on the masked gene positions."""
-        masked = inference_outputs["masked"]
-        err = (generative_outputs["prediction"] - inference_outputs["target"]) ** 2 * masked
-        n_masked = masked.sum(dim=1).clamp(min=1)
-        per_cell = err.sum(dim=1) / n_masked
+        """Mean squared error of the decoded expression on the masked gene positions."""
+        if inference_outputs.expression is None or "masked" not in inference_outputs.extra:
+            raise InvalidInputError(
+                "The scFoundation loss needs the masked example: call inference(mask=True)."
+            )
+        masked = inference_outputs.extra["masked"]
+        err = (inference_outputs.expression - inference_outputs.extra["target"]) ** 2 * masked
+        per_cell = err.sum(dim=1) / masked.sum(dim=1).clamp(min=1)
         loss = err.sum() / masked.sum().clamp(min=1)
         return LossOutput(loss=loss, reconstruction_loss=per_cell, n_obs_minibatch=masked.shape[0])
+
+
+def _check_depth(values: torch.Tensor, n_genes: int) -> None:
+    """Refuse cells whose depth token is undefined, naming the real cause."""
+    bad = ~torch.isfinite(values[:, n_genes:]).all(dim=1)
+    if bool(bad.any()):
+        n_bad, n = int(bad.sum()), values.shape[0]
+        hint = (
+            "All cells of the minibatch are affected: the genes most likely did not match. "
+            "scFoundation expects HGNC gene symbols (e.g. TP53) in adata.var_names or in the "
+            "adata.var column passed as gene_id_key; check model.gene_alignment."
+            if n_bad == n
+            else "Remove those cells (e.g. keep cells with counts > 0 in the matched genes)."
+        )
+        raise InvalidInputError(
+            f"{n_bad} of {n} cells have a total count <= 0 (or a non-finite total) over the "
+            "genes of the scFoundation gene list that the AnnData provides, so the depth token "
+            f"S = log10(total count) is undefined. {hint}"
+        )

@@ -160,8 +160,20 @@ class FlowformerEncoder(nn.Module):
             [FlowformerLayer(d_model, n_heads, dropout) for _ in range(n_layers)]
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``[B, L, d_model]``; ``mask``: ``[B, L]`` bool (``True`` = real cell)."""
-        for layer in self.layers:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, n_layers: int | None = None
+    ) -> torch.Tensor:
+        """Run the stack (or its first ``n_layers`` layers).
+
+        Parameters
+        ----------
+        x
+            ``[B, L, d_model]``.
+        mask
+            ``[B, L]`` bool, ``True`` = real cell; ``None`` when nothing is padded.
+        n_layers
+            Stop after this many layers (``0`` returns ``x``); ``None``: all.
+        """
+        for layer in self.layers[:n_layers]:
             x = layer(x, mask)
         return x

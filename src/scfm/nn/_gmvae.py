@@ -159,8 +159,8 @@ class GMVAELatent(nn.Module):
             "z": z,
             "qz_mean": mu,
             "qz_var": var,
-            "logits": logits,
-            "y": y,
+            "cluster_logits": logits,
+            "cluster": y,
             "prior_mean": inf.y_mu(y),
             "prior_var": F.softplus(inf.y_var(y)),
         }
@@ -171,7 +171,7 @@ class GMVAELatent(nn.Module):
             _log_normal(out["z"], out["qz_mean"], out["qz_var"])
             - _log_normal(out["z"], out["prior_mean"], out["prior_var"])
         ).mean()
-        log_q = torch.log_softmax(out["logits"], dim=-1)
+        log_q = torch.log_softmax(out["cluster_logits"], dim=-1)
         entropy = -(log_q.exp() * log_q).sum(dim=-1).mean()
         cat = math.log(self.n_clusters) - entropy
         floor = torch.as_tensor(self.floor, dtype=gauss.dtype, device=gauss.device)

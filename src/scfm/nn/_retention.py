@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CrossRetentionLayer",
     "GatedLinearUnit",
     "LowRankAdapter",
     "MultiHeadRetention",
@@ -68,10 +69,6 @@ class LowRankAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense ``[out, in]`` update ``B A`` (for merging into the base weight)."""
-        return self.B.weight @ self.A.weight
-
 
 def _adapted(linear: nn.Linear, adapter: LowRankAdapter | None, x: torch.Tensor) -> torch.Tensor:
     out = linear(x)
@@ -111,16 +108,6 @@ class MultiHeadRetention(nn.Module):
         for name in self._projections:
             setattr(self, f"lora_{name}", LowRankAdapter(d, d, rank))
         self.lora = rank
-
-    def merge_lora(self) -> None:
-        """Fold the adapters into the projection weights and remove them."""
-        if not self.lora:
-            return
-        with torch.no_grad():
-            for name in self._projections:
-                getattr(self, f"{name}_proj").weight += getattr(self, f"lora_{name}").delta_weight()
-                delattr(self, f"lora_{name}")
-        self.lora = 0
 
     def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _adapted(
@@ -194,7 +181,6 @@ class GatedLinearUnit(nn.Module):
             self.add_lora(lora)
 
     add_lora = MultiHeadRetention.add_lora
-    merge_lora = MultiHeadRetention.merge_lora
     _proj = MultiHeadRetention._proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,3 +236,50 @@ class RetentionLayer(nn.Module):
         x = self.post_norm1(x * self.alpha + out)
         out = self.dropout(self.ffn(x))
         return self.post_norm2(x * self.alpha + out)
+
+
+class CrossRetentionLayer(nn.Module):
+    """Query block of CellFM's annotation head (the reference's ``CrossRetentionLayer``).
+
+    Self-retention over the query tokens, retention of the queries onto the key / value tokens
+    ``y``, then the GLU, each followed by a post-LayerNorm of the plain residual sum (no
+    DeepNorm scaling, no LoRA, weights initialised XavierNormal with gain 1).
+
+    Parameters
+    ----------
+    emb_dims
+        Model width.
+    num_heads
+        Retention heads.
+    dropout
+        Dropout on the three residual branches (training only).
+    eps
+        LayerNorm epsilon (MindSpore's default 1e-7).
+    """
+
+    def __init__(
+        self,
+        emb_dims: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        eps: float = MINDSPORE_LAYER_NORM_EPS,
+    ) -> None:
+        super().__init__()
+        self.attn1 = MultiHeadRetention(emb_dims, num_heads)
+        self.attn2 = MultiHeadRetention(emb_dims, num_heads)
+        self.ffn = GatedLinearUnit(emb_dims)
+        self.dropout = nn.Dropout(dropout)
+        self.post_norm1 = nn.LayerNorm(emb_dims, eps=eps)
+        self.post_norm2 = nn.LayerNorm(emb_dims, eps=eps)
+        self.post_norm3 = nn.LayerNorm(emb_dims, eps=eps)
+        for block in (self.attn1, self.attn2, self.ffn):
+            for name in block._projections:
+                nn.init.xavier_normal_(getattr(block, f"{name}_proj").weight)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Queries ``x`` ``[B, L1, d]`` attend to ``y`` ``[B, L2, d]`` (keys where ``key_mask``)."""
+        x = self.post_norm1(x + self.dropout(self.attn1(x)))
+        x = self.post_norm2(x + self.dropout(self.attn2(x, key_mask=key_mask, y=y)))
+        return self.post_norm3(x + self.dropout(self.ffn(x)))

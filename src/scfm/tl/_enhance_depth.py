@@ -1,4 +1,4 @@
-"""Read-depth enhancement with scFoundation: embed / reconstruct cells at a higher depth."""
+"""Read-depth enhancement with scFoundation: embed / decode cells at a higher depth."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 
 from scfm.data._scfoundation_tokenizer import parse_tgthighres
+from scfm.data._validation import check_key_added
 from scfm.errors import InvalidInputError
 from scfm.model.base import record_in_uns
 
@@ -25,10 +26,8 @@ def enhance_depth(
     adata: ad.AnnData | None = None,
     *,
     tgthighres: str = "a1",
-    weights: Literal["cell", "rde", "gene"] | None = "rde",
-    pool_type: Literal["all", "max"] = "all",
-    expression: bool = False,
-    expression_weights: Literal["cell", "rde", "gene"] | None = "gene",
+    pooling: Literal["all", "max"] = "all",
+    expression_model: ScFoundation | None = None,
     key_added: str = "X_scfoundation_enhanced",
     batch_size: int | None = None,
     progress_bar: bool = True,
@@ -37,31 +36,25 @@ def enhance_depth(
 
     scFoundation is told the observed depth ``S = log10(total count)`` and a target depth
     ``T``; with ``T > S`` the encoder produces embeddings of the cell "as if sequenced
-    deeper", which is how the paper's read-depth enhancement experiment clusters
-    shallow cells :cite:p:`Hao2024` (with the ``'rde'`` model).
+    deeper", which is how the paper's read-depth enhancement experiment clusters shallow
+    cells :cite:p:`Hao2024` (with the ``'rde'`` model).
 
     Parameters
     ----------
     model
-        A :class:`~scfm.model.ScFoundation` (from ``from_pretrained``, so that the
-        ``'rde'`` / ``'gene'`` weights are available, or trained with the same objective).
+        The :class:`~scfm.model.ScFoundation` for the embeddings; the reference loads the
+        ``'rde'`` weights: ``ScFoundation.from_pretrained(path, adata, weights="rde")``.
     adata
-        AnnData set up like the model's; ``None`` uses the model's.
+        AnnData set up for scFoundation (any genes); ``None`` uses the model's.
     tgthighres
         Target depth: ``"aN"`` (T = S + N, default ``"a1"``: 10x deeper), ``"fN"``
         (T = log10(N x total)) or ``"tN"`` (T = N). ``T`` must exceed ``S`` to enhance.
-    weights
-        Released model for the embeddings; default ``"rde"`` (the reference's choice).
-        ``None`` uses the loaded weights.
-    pool_type
-        Pooling of the encoder output (see :meth:`ScFoundation.get_latent_representation`).
-    expression
-        Also write the reconstructed expression at depth ``T`` (decoder output,
-        log1p-normalised scale) to ``adata.layers[key_added]``: genes of ``adata.var``
-        not in the gene list get ``NaN``.
-    expression_weights
-        Released model for the expression; default ``"gene"`` (the reference's choice for
-        ``--output_type gene_expression``).
+    pooling
+        Pooling of the encoder output (see :class:`~scfm.model.ScFoundation`).
+    expression_model
+        If given, also write its decoded expression at depth ``T`` (log1p-normalised scale)
+        to ``adata.layers[key_added]``; genes of ``adata.var`` not in the gene list get
+        ``NaN``. The reference decodes with the ``'gene'`` weights.
     key_added
         ``adata.obsm`` key of the embeddings (and ``adata.layers`` key of the expression).
     batch_size
@@ -79,32 +72,37 @@ def enhance_depth(
             f"tgthighres={tgthighres!r} does not raise the target depth above the observed "
             "one; use e.g. 'a1' (10x deeper) or 'f5' (5x deeper)."
         )
+    check_key_added(key_added, where="adata.obsm")
+    for other in (model, expression_model):
+        if other is not None and other.weights not in (None, "rde", "gene"):
+            logger.info("enhance_depth with the %r weights (the reference: 'rde' / 'gene').",
+                        other.weights)  # fmt: skip
     target = model._validate_anndata(adata)
+    options = {"tgthighres": tgthighres, "pooling": pooling}
     z = model.get_latent_representation(
-        target,
-        batch_size=batch_size,
-        pool_type=pool_type,
-        tgthighres=tgthighres,
-        weights=weights,
-        progress_bar=progress_bar,
+        target, batch_size=batch_size, progress_bar=progress_bar, **options
     )
-    target.obsm[key_added] = z
-    info = {"tgthighres": tgthighres, "weights": weights, "pool_type": pool_type}
-    record_in_uns(target, "obsm", key_added, model._provenance(info))
-    if expression:
-        alignment = model.gene_alignment
-        genes = [model.gene_list[i] for i in alignment.vocab_index]
-        recon = model.get_reconstructed_expression(
+    layer = None
+    if expression_model is not None:
+        target = expression_model._validate_anndata(target)
+        alignment = expression_model._align_genes(target)
+        genes = expression_model.vocabulary[alignment.vocab_index]
+        decoded = expression_model.get_normalized_expression(
             target,
-            genes=genes,
+            gene_list=list(genes.unique()),
             batch_size=batch_size,
-            tgthighres=tgthighres,
-            weights=expression_weights,
             progress_bar=progress_bar,
+            tgthighres=tgthighres,
         )
         layer = np.full(target.shape, np.nan, dtype=np.float32)
-        layer[:, alignment.var_index] = recon.to_numpy()
+        # every AnnData column of a matched gene (duplicates included) gets its gene's values
+        layer[:, alignment.var_index] = decoded[list(genes)].to_numpy()
+    target.obsm[key_added] = z
+    record_in_uns(
+        target, "obsm", key_added, model._provenance({**options, "weights": model.weights})
+    )
+    if layer is not None:
         target.layers[key_added] = layer
-        info = {"tgthighres": tgthighres, "weights": expression_weights}
-        record_in_uns(target, "layers", key_added, model._provenance(info))
+        info = {"tgthighres": tgthighres, "weights": expression_model.weights}
+        record_in_uns(target, "layers", key_added, expression_model._provenance(info))
     return z

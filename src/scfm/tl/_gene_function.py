@@ -9,13 +9,16 @@ tasks, and a LayerNorm MLP with a sigmoid / BCE loss for multi-label ones.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from scfm.errors import InvalidInputError
 from scfm.model.base import record_in_uns
@@ -50,18 +53,71 @@ class GeneFunctionResult:
     classifier: nn.Module = field(repr=False)
 
 
-def _mlp(d_in: int, hidden: int, n_out: int, dropout: float, multilabel: bool) -> nn.Module:
+class _SeededDropout(nn.Module):
+    """Dropout drawing its masks from an explicit generator (no global RNG involved)."""
+
+    def __init__(self, p: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.p = p
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+def _mlp(
+    d_in: int,
+    hidden: int,
+    n_out: int,
+    dropout: float,
+    multilabel: bool,
+    generator: torch.Generator,
+) -> nn.Module:
+    drop = _SeededDropout(dropout, generator)
     if multilabel:  # the reference's GO-term head
-        return nn.Sequential(
-            nn.Linear(d_in, hidden),
-            nn.LayerNorm(hidden),
-            nn.SiLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, n_out),
+        net = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.LayerNorm(hidden), nn.SiLU(), drop, nn.Linear(hidden, n_out)
         )
-    return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out)
+    else:
+        net = nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), drop, nn.Linear(hidden, n_out))
+    for layer in net:
+        if isinstance(layer, nn.Linear):  # torch's default Linear init, drawn from `generator`
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(layer.in_features)
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return net
+
+
+class _GeneClassifier(LightningModule):
+    """Full-batch AdamW training of the gene MLP (one step per epoch), run by Lightning."""
+
+    def __init__(self, net: nn.Module, loss_fn: nn.Module, lr: float, weight_decay: float):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss_fn(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def _fit(module: _GeneClassifier, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False)
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
+    trainer.fit(module, loader)
 
 
 def _split(labels: np.ndarray, test_size: float, rng: np.random.Generator) -> np.ndarray:
@@ -112,9 +168,10 @@ def gene_function(
     hidden, dropout
         MLP width and dropout.
     epochs, lr, weight_decay
-        Full-batch AdamW training.
+        Full-batch AdamW training (one step per epoch, run by a Lightning ``Trainer``).
     seed
-        Seed of the split and the initialisation.
+        Seed of the split, the initialisation and the dropout masks (explicit generators;
+        torch's global RNG is neither used nor reseeded).
     key_added
         Key for the outputs in ``adata`` (``None``: write nothing).
 
@@ -130,9 +187,9 @@ def gene_function(
     from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
     if embeddings is None:
-        try:
+        try:  # CellFM: the static gene table, as the reference recipe
             embeddings = model.get_gene_embeddings(contextual=False)
-        except TypeError:  # models without a static table: contextual embeddings
+        except InvalidInputError:  # models without that option: their gene embeddings
             embeddings = model.get_gene_embeddings()
     multilabel = isinstance(labels, pd.DataFrame)
     labelled = labels.dropna() if not multilabel else labels.dropna(how="any")
@@ -161,9 +218,8 @@ def gene_function(
     # Standardise with training statistics: embedding tables differ in scale.
     mean, std = x[~test].mean(0), x[~test].std(0).clamp_min(1e-6)
     x = (x - mean) / std
-    torch.manual_seed(seed)
-    net = _mlp(x.shape[1], hidden, len(classes), dropout, multilabel)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    net = _mlp(x.shape[1], hidden, len(classes), dropout, multilabel, generator)
     y = torch.as_tensor(y_np)
     train_idx = torch.as_tensor(np.flatnonzero(~test))
     if multilabel:
@@ -172,12 +228,7 @@ def gene_function(
         counts = np.bincount(y_np[~test], minlength=len(classes)).astype(np.float32)
         weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / len(classes))
         loss_fn = nn.CrossEntropyLoss(weight=weight)  # classes are often imbalanced
-    net.train()
-    for _ in range(epochs):
-        opt.zero_grad()
-        loss = loss_fn(net(x[train_idx]), y[train_idx])
-        loss.backward()
-        opt.step()
+    _fit(_GeneClassifier(net, loss_fn, lr, weight_decay), x[train_idx], y[train_idx], epochs)
     net.eval()
     with torch.no_grad():
         logits = net(x)

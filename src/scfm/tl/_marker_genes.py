@@ -124,14 +124,15 @@ def marker_genes(
         raise InvalidInputError(f"groups {unknown} are not values of obs[{groupby!r}].")
     cells = np.flatnonzero(labels.isin(group_names).to_numpy())
 
-    alignment = model.gene_alignment
-    var_of_token = np.full(max(model.token_dictionary.values()) + 1, -1, dtype=np.int64)
-    var_of_token[alignment.vocab_index] = alignment.var_index
+    # token id -> adata column (the first column feeding it, when duplicates are summed)
+    alignment, _ = model._gene_space(adata)
+    var_of_token = np.full(len(model.vocabulary), -1, dtype=np.int64)
+    var_of_token[alignment.vocab_index[::-1]] = alignment.var_index[::-1]
     model.module.eval()
+    all_ids, all_lengths = model.get_tokens(adata, cells) if len(cells) else (None, None)
     rows, cols, vals = [], [], []
-    for cell in tqdm(cells, desc="scCello marker genes", disable=not progress_bar):
-        ids, lengths = model.get_tokens(adata, [int(cell)], batch_size=1)
-        token_ids = torch.as_tensor(ids[0, : lengths[0]], device=model.device)
+    for i, cell in enumerate(tqdm(cells, desc="scCello marker genes", disable=not progress_bar)):
+        token_ids = torch.as_tensor(all_ids[i, : all_lengths[i]], device=model.device)
         if len(token_ids) < 2:
             continue
         scores = _cell_marker_scores(model, token_ids, max_genes, batch_size).cpu().numpy()

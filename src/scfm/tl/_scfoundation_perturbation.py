@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import numpy as np
 
+from scfm.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from scfm.model._scfoundation import ScFoundation
 
@@ -34,15 +36,15 @@ def scfoundation_gears_embeddings(
     Parameters
     ----------
     model
-        A :class:`~scfm.model.ScFoundation` loaded with ``from_pretrained`` (the ``'gene'``
-        weights are used).
+        A :class:`~scfm.model.ScFoundation` with the ``'gene'`` weights:
+        ``ScFoundation.from_pretrained(path, adata, weights="gene")``.
     adata
-        AnnData set up like the model's; ``None`` uses the model's.
+        AnnData set up for scFoundation (any genes); ``None`` uses the model's.
     indices
         Cells (typically the control cells of a perturbation batch).
     genes
         Gene symbols in the order of the GEARS gene list (all must be in
-        ``model.gene_list``); ``None``: the whole 19,264-gene list.
+        ``model.vocabulary``); ``None``: the whole 19,264-gene list.
     batch_size
         Cells decoded at once (each takes ``19,266 x 512`` floats per layer).
     progress_bar
@@ -52,14 +54,23 @@ def scfoundation_gears_embeddings(
     -------
     ``(n_cells, n_genes, 512)`` float32 array: ``out[c, g]`` is the embedding of gene
     ``g`` in cell ``c`` (GEARS ``hidden_size`` = 512).
+
+    Raises
+    ------
+    InvalidInputError
+        If the model holds released weights other than ``'gene'``.
     """
+    if model.weights not in (None, "gene"):
+        raise InvalidInputError(
+            f"The model holds the {model.weights!r} weights; the GEARS integration uses the "
+            "'gene' model: ScFoundation.from_pretrained(path, adata, weights='gene')."
+        )
     return model.get_cell_gene_embeddings(
         adata,
         indices,
         genes,
         batch_size,
-        tgthighres="f1",
-        weights="gene",
-        key_max="sample",
         progress_bar=progress_bar,
+        tgthighres="f1",
+        key_max="sample",
     )

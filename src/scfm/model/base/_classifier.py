@@ -180,9 +180,14 @@ class ClassifierMixin:
         self._refresh_summary()
 
     def _freeze_encoder(self) -> None:
-        """Only the head (and LoRA adapters) train."""
+        """Only the head (and LoRA adapters) train.
+
+        The head is ``module.classifier``, plus any parameters under the module class's
+        ``_head_prefixes`` (e.g. Geneformer's ``bert.pooler``, named by its release format).
+        """
+        prefixes = tuple(getattr(type(self.module), "_head_prefixes", ("classifier",)))
         for name, p in self.module.named_parameters():
-            p.requires_grad_(name.startswith("classifier") or "lora_" in name)
+            p.requires_grad_(name.startswith(prefixes) or "lora_" in name)
 
     def _add_lora(self, rank: int, alpha: float) -> None:
         """Inject peft LoRA adapters into the module's declared attention projections."""

@@ -215,6 +215,18 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
             )
         return [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
 
+    def _streamed_plan(self, obs: pd.DataFrame, task: str) -> dict[str, np.ndarray]:
+        """Per-cell plan of a streamed minibatch (no AnnData), from its ``obs`` rows.
+
+        Used by :class:`~scfm.data.SomaDataModule`; plans that need a whole AnnData are not
+        available there. None by default.
+        """
+        return {}
+
+    def _requires_integer(self, setup_args: dict[str, Any]) -> bool:
+        """Whether an AnnData set up with ``setup_args`` must hold integer counts."""
+        return self._requires_counts and not setup_args.get("allow_non_integer", False)
+
     def _static_gene_embeddings(self) -> pd.DataFrame | None:
         """Gene embeddings that are rows of the weights (no pass over cells); none by default."""
         return None
@@ -232,14 +244,17 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
         gene_id_key: str | None,
         allow_non_integer: bool = False,
         check_gene_overlap: bool = True,
+        counts: bool = True,
         extra_fields: Sequence[Any] = (),
         **kwargs: Any,
     ) -> None:
         """Check ``adata`` and register the standard fields plus model-specific ones.
 
         Models with extra inputs (coordinates, total counts) validate those first, then call
-        this with their scvi-tools fields in ``extra_fields``. Nothing is written to ``adata``
-        unless every check passes.
+        this with their scvi-tools fields in ``extra_fields``. ``counts=False`` says the
+        values are not counts by design (e.g. scFoundation's pre-normalised input): they must
+        be finite and non-negative, nothing more, and no warning is given. Nothing is written
+        to ``adata`` unless every check passes.
         """
         check_anndata(adata)
         if adata.is_view:
@@ -247,8 +262,8 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
                 "adata is a view (a subset of another AnnData); setup_anndata registers fields "
                 "in it. Pass a copy: adata = adata[cells].copy()."
             )
-        non_integer = check_counts(adata, layer, integer=not allow_non_integer)
-        if non_integer:
+        non_integer = check_counts(adata, layer, integer=counts and not allow_non_integer)
+        if non_integer and counts:
             warnings.warn(
                 "The expression matrix holds non-integer values; they are used as counts "
                 "(allow_non_integer=True). The models were trained on raw integer counts.",
@@ -263,7 +278,9 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
                 "the model's gene ids, or gene_id_key=None to use adata.var_names."
             )
         fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not allow_non_integer),
+            # scfm checks the values itself (above, and every minibatch it reads); scvi-tools'
+            # own count check does not understand scipy's sparse arrays (csr_array).
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             *extra_fields,
@@ -413,14 +430,16 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
                 "adata is a view (a subset of another AnnData). Pass the full AnnData with "
                 "indices=..., or a copy: adata[cells].copy()."
             )
-        manager = self.get_anndata_manager(adata)
-        if manager is not None and manager.adata is adata:
-            manager.validate()
+        own = self._own_manager(adata)
+        if own is None:
+            # Not set up, or a copy carrying another AnnData's registration (scvi-tools would
+            # try to transfer the model's categories onto it and fail on new ones).
+            self._register_manager_for_instance(self._setup_query(adata))
             return adata
-        manager = self._own_manager(adata)
-        if manager is None:
-            manager = self._setup_query(adata)
-        self._register_manager_for_instance(manager)
+        if self.get_anndata_manager(adata) is own:
+            own.validate()
+        else:  # first use by this model, or set up again since (new setup arguments)
+            self._register_manager_for_instance(own)
         return adata
 
     def _setup_query(self, adata: ad.AnnData) -> AnnDataManager:
@@ -499,7 +518,8 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
         options = {**release_options, **options}
         with unchanged_on_failure(adata):
             model = cls._from_pretrained(local, adata, **options)
-            model._checkpoint_path = str(local)
+            # a reader may name the exact release file (e.g. CellPLM's prefix) itself
+            model._checkpoint_path = model._checkpoint_path or str(local)
             model.module.eval()
             model._record_alignment(adata)
             model._refresh_summary()
@@ -645,7 +665,7 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
         args = self._setup_args_of(adata)
         layer = args.get("layer")
         name = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-        integer = self._requires_counts and not args.get("allow_non_integer", False)
+        integer = self._requires_integer(args)
         obs_names = adata.obs_names
 
         def check(values, rows: np.ndarray) -> None:

@@ -41,6 +41,9 @@ class CellDataSplitter(DataSplitter):
     cell_arrays
         Extra per-cell arrays over the whole AnnData (e.g. fine-tuning label codes); each
         minibatch carries its cells' rows under the same key.
+    plan_options
+        Options of the model's ``_cell_plan`` for the training cells (e.g. CellPLM
+        ``measured_genes``).
     **kwargs
         Passed to :class:`scvi.dataloaders.DataSplitter` (``train_size``, ``batch_size``, ...).
     """
@@ -52,6 +55,7 @@ class CellDataSplitter(DataSplitter):
         model: FoundationModelMixin,
         task: str = "train",
         cell_arrays: Mapping[str, np.ndarray] | None = None,
+        plan_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         # scvi-tools' distributed sampler does not fit fixed minibatch groups; Lightning's
@@ -62,6 +66,7 @@ class CellDataSplitter(DataSplitter):
         self.model = model
         self.task = task
         self.cell_arrays = dict(cell_arrays or {})
+        self.plan_options = dict(plan_options or {})
         self.batch_size = int(self.data_loader_kwargs.get("batch_size") or 128)
 
     def _loader(self, idx: np.ndarray, shuffle: bool):
@@ -71,13 +76,22 @@ class CellDataSplitter(DataSplitter):
         adata = self.adata_manager.adata
         cells = np.sort(np.asarray(idx, dtype=np.int64))
         _, space = model._gene_space(adata)
-        plan = dict(model._cell_plan(adata, cells, self.task) or {})
-        plan.update({k: np.asarray(v)[cells] for k, v in self.cell_arrays.items()})
+        plan = dict(model._cell_plan(adata, cells, self.task, **self.plan_options) or {})
+        plan.update({k: v[cells] for k, v in self.cell_arrays.items()})
         groups = model._minibatch_groups(adata, cells, self.batch_size, plan, space)
         dataset = CellDataset(
             self.adata_manager, cells, space, plan, check=model._value_check(adata)
         )
-        return make_loader(dataset, groups, shuffle=shuffle)
+
+        def regroup() -> list[np.ndarray]:
+            # The model's grouping (length buckets, sentences) over the cells in a new random
+            # order: new batch-mates every epoch, still grouped the model's way.
+            perm = torch.randperm(len(cells)).numpy()
+            shuffled = {k: v[perm] for k, v in plan.items()}
+            new = model._minibatch_groups(adata, cells[perm], self.batch_size, shuffled, space)
+            return [perm[g] for g in new]
+
+        return make_loader(dataset, groups, shuffle=shuffle, regroup=regroup if shuffle else None)
 
     def train_dataloader(self):
         """Shuffled minibatches of the training cells."""
@@ -118,6 +132,9 @@ class PretrainingPlan(TrainingPlan):
 class ClassifierTrainingPlan(TrainingPlan):
     """Cross-entropy on the cell classification head (``ModuleOutput.logits``).
 
+    A module may define ``classification_loss(output, labels)`` when its reference trains the
+    head with another loss; it is used instead.
+
     Logs ``train_loss``, ``validation_loss`` and ``validation_accuracy`` per epoch (history
     and early stopping read them).
 
@@ -141,15 +158,24 @@ class ClassifierTrainingPlan(TrainingPlan):
         label_key: str = "finetune_label",
         **kwargs: Any,
     ) -> None:
+        # The references fine-tune with HF Trainer's AdamW (eps 1e-8); scvi-tools' default
+        # eps of 0.01 trains a classification head far more slowly.
+        kwargs.setdefault("optimizer", "AdamW")
+        kwargs.setdefault("eps", 1e-8)
         super().__init__(module, **kwargs)
         self.inference_kwargs = dict(inference_kwargs or {})
         self.label_key = label_key
 
     def _step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
         inputs = self.module._get_inference_input(batch)
-        logits = self.module.inference(**inputs, **self.inference_kwargs).logits
+        out = self.module.inference(**inputs, **self.inference_kwargs)
+        logits = out.logits
         labels = batch[self.label_key].long().reshape(-1)
-        loss = F.cross_entropy(logits.float(), labels)
+        # A module whose reference trains its head with another loss (CellFM) says so.
+        loss_fn = getattr(self.module, "classification_loss", None)
+        loss = (
+            loss_fn(out, labels) if loss_fn is not None else F.cross_entropy(logits.float(), labels)
+        )
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         n = len(labels)
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
