@@ -350,14 +350,9 @@ class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass
         lengths
             ``(n_cells,)`` int64, special tokens included.
         """
-        from scfm.data._loader import CellDataset, make_loader
-
         call = self._prepare(adata, indices, batch_size, "latent", {})
-        dataset = CellDataset(
-            call.manager, call.cells, call.space, call.plan, check=self._value_check(call.adata)
-        )
         rows: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(call.cells)
-        for tensors in make_loader(dataset, call.groups):
+        for tensors in self._loader(call):
             ids, lengths = self.module.tokenize(tensors[REGISTRY_KEYS.X_KEY].to(self.device))
             for p, row, n in zip(tensors["cell_index"].tolist(), ids.cpu().numpy(), lengths):
                 rows[p] = row[:n]

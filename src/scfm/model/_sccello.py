@@ -15,7 +15,7 @@ from scvi import REGISTRY_KEYS
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from scfm.data._genes import GeneAlignment, align_genes
-from scfm.data._loader import CELL_INDEX_KEY, CellDataset, make_loader
+from scfm.data._loader import CELL_INDEX_KEY
 from scfm.data._ontology import (
     CellOntology,
     label_indices,
@@ -229,26 +229,20 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             label_names=self.cell_type_names,
         )
 
-    def _cell_types(self, adata: ad.AnnData, cells: np.ndarray | None = None) -> np.ndarray:
-        # Read from adata.obs (not scvi's category codes): any AnnData whose cells carry the
-        # model's CL ids works, and unknown ids raise before any heavy work.
-        return self._cell_types_of(adata.obs, self._setup_args_of(adata).get("labels_key"), cells)
-
-    def _streamed_plan(self, obs: pd.DataFrame, task: str) -> dict[str, np.ndarray]:
-        key = self.setup_args.get("labels_key")
-        return {"cell_type": self._cell_types_of(obs, key)} if task == "train" else {}
-
-    def _cell_types_of(
-        self, obs: pd.DataFrame, key: str | None, cells: np.ndarray | None = None
-    ) -> np.ndarray:
+    def _cell_types(self, obs: pd.DataFrame, key: str | None) -> np.ndarray:
+        # Read from obs (not scvi's category codes): any AnnData or streamed minibatch whose
+        # cells carry the model's CL ids works, and unknown ids raise before heavy work.
         if key is None or key not in obs.columns or self.label_clids is None:
             raise AnnDataKeyError(
                 "The scCello losses need cell types: call setup_anndata with "
                 f"labels_key={CELL_TYPE_KEY!r} (a column of Cell Ontology ids)."
             )
         values = obs[key].astype(str).to_numpy()
-        values = values if cells is None else values[cells]
         return label_indices(values, self.label_clids, self.ontology, column=key)
+
+    def _streamed_plan(self, obs: pd.DataFrame, task: str) -> dict[str, np.ndarray]:
+        key = self.setup_args.get("labels_key")
+        return {"cell_type": self._cell_types(obs, key)} if task == "train" else {}
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -299,15 +293,12 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self, adata: ad.AnnData, cells: np.ndarray, task: str, **options: Any
     ) -> dict[str, np.ndarray]:
         # Pretraining needs each cell's pretraining type (rides in the minibatch).
-        return {"cell_type": self._cell_types(adata, cells)} if task == "train" else {}
+        if task != "train":
+            return {}
+        key = self._setup_args_of(adata).get("labels_key")
+        return {"cell_type": self._cell_types(adata.obs.iloc[cells], key)}
 
     # ------------------------------------------------------------------ extras
-    def _loader(self, call: Any):  # the call's minibatches, without a forward pass
-        check = self._value_check(call.adata)
-        return make_loader(
-            CellDataset(call.manager, call.cells, call.space, call.plan, check=check), call.groups
-        )
-
     @torch.inference_mode()
     @scfm_dsp.dedent
     def get_tokens(
@@ -348,7 +339,7 @@ class ScCello(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``batch_size`` 12 (relational alignment contrasts the cells of a minibatch, so it
         needs several cell types per batch); ``plan_kwargs`` AdamW, lr 1e-3, weight decay 1e-3.
         """
-        self._cell_types(self.adata)
+        self._cell_types(self.adata.obs, self.setup_args.get("labels_key"))
         plan_kwargs = {"optimizer": "AdamW", "lr": 1e-3, "weight_decay": 1e-3}
         plan_kwargs.update(kwargs.pop("plan_kwargs", None) or {})
         super().train(

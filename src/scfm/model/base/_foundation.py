@@ -674,14 +674,18 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
 
         return check
 
+    def _loader(self, call: _Call):
+        """The call's one data loader: checked minibatches in the model's gene space."""
+        dataset = CellDataset(
+            call.manager, call.cells, call.space, call.plan, check=self._value_check(call.adata)
+        )
+        return make_loader(dataset, call.groups)
+
     def _run(
         self, call: _Call, desc: str, progress_bar: bool = True, module_kwargs: dict | None = None
     ) -> Iterator[tuple[np.ndarray, ModuleOutput, dict[str, torch.Tensor]]]:
         """Yield ``(positions into call.cells, ModuleOutput, tensors)`` per minibatch."""
-        dataset = CellDataset(
-            call.manager, call.cells, call.space, call.plan, check=self._value_check(call.adata)
-        )
-        loader = make_loader(dataset, call.groups)
+        loader = self._loader(call)
         device = self.module.device
         kwargs = {**call.kwargs, **(module_kwargs or {})}
         self.module.eval()
