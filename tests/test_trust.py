@@ -161,6 +161,8 @@ def test_own_anndata_changed_after_loading_is_checked_on_every_path(name, case, 
     """The most common notebook order: from_pretrained, then normalise adata in place."""
     mutate, match = QUERY_CASES[case]
     model, adata = _fresh(name)
+    if path == "genes" and model._static_gene_embeddings() is not None:
+        pytest.skip("this model's gene embeddings are weight rows: the path reads no cells")
     mutate(adata)
     snap = _snapshot(adata)
     with pytest.raises(CountDataError, match=match):
@@ -334,6 +336,8 @@ def test_three_real_genes_are_refused_unless_opted_out(name):
     tiny = _input(name)
     matched = model._gene_space(adata)[0].var_index
     tiny = tiny[:, np.sort(matched[:3])].copy()
+    # cells with counts in those genes (scFoundation's depth token needs a positive total)
+    tiny = tiny[np.asarray(tiny.X.sum(axis=1)).ravel() > 0].copy()
     _cls(name).setup_anndata(tiny)
     with pytest.raises(GeneVocabularyError, match="check_gene_overlap=False"):
         model.get_latent_representation(tiny, progress_bar=False)
@@ -397,7 +401,7 @@ def test_non_dict_uns_scfm_is_a_typed_error(name):
     with pytest.raises(InvalidInputError, match="not a dict"):
         model.embed(adata, progress_bar=False)
     assert adata.uns["scfm"] == ["a user's list"]
-    assert not adata.obsm
+    assert "X_" + model._model_name not in adata.obsm
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -259,6 +259,7 @@ class SafeSaveMixin:
             model._add_lora(int(lora["rank"]), float(lora["alpha"]))
         model._load_saved_weights(folder / f"{prefix}{WEIGHTS_FILE}")
         model._checkpoint_path = attrs.get("checkpoint_path")
+        # scvi-tools has no public setter for the fitted flag it keeps on every model.
         model.is_trained_ = bool(attrs.get("is_trained", False))
         model.history_ = {
             key: pd.read_json(_json_io(value), orient="split")
