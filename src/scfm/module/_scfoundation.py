@@ -769,8 +769,14 @@ class ScFoundationModule(BaseModuleClass):
 
 
 def _check_depth(values: torch.Tensor, n_genes: int) -> None:
-    """Refuse cells whose depth token is undefined, naming the real cause."""
-    bad = ~torch.isfinite(values[:, n_genes:]).all(dim=1)
+    """Refuse cells whose depth tokens are undefined or dropped, naming the real cause.
+
+    A total of exactly 1 gives S = log10(1) = 0, and the reference keeps only positive
+    values as tokens: the S token would vanish and the pooled embedding be NaN (the reference
+    fails on such cells too), so they are refused with the others.
+    """
+    depth = values[:, n_genes:]
+    bad = ~torch.isfinite(depth).all(dim=1) | (depth <= 0).any(dim=1)
     if bool(bad.any()):
         n_bad, n = int(bad.sum()), values.shape[0]
         hint = (
@@ -781,7 +787,7 @@ def _check_depth(values: torch.Tensor, n_genes: int) -> None:
             else "Remove those cells (e.g. keep cells with counts > 0 in the matched genes)."
         )
         raise InvalidInputError(
-            f"{n_bad} of {n} cells have a total count <= 0 (or a non-finite total) over the "
+            f"{n_bad} of {n} cells have a total count <= 1 (or a non-finite total) over the "
             "genes of the scFoundation gene list that the AnnData provides, so the depth token "
-            f"S = log10(total count) is undefined. {hint}"
+            f"S = log10(total count) is undefined or zero. {hint}"
         )
