@@ -1,28 +1,33 @@
-"""In-silico perturbation with Geneformer (scfm.tl.in_silico_perturbation, scfm.pl)."""
+"""In silico perturbation API: streaming / resuming, options, statistics helpers, plots."""
 
 from __future__ import annotations
 
 import anndata as ad
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
-import torch
+from scipy import stats
 
 import scfm
+import scfm.tl._perturbation as isp
 from conftest import fixture_dir
-from scfm.errors import GeneVocabularyError, InvalidInputError
+from scfm.errors import AnnDataKeyError, InvalidInputError
 from scfm.model import Geneformer
 from scfm.tl import perturb_tokens
+from scfm.tl._perturbation_backends import RankEncoder
+from scfm.tl._perturbation_stats import benjamini_hochberg, ranksums_in_pool
 
 matplotlib.use("Agg")
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STATES = {"state_key": "disease", "start_state": "dcm", "goal_state": "nf", "alt_states": ["hcm"]}
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    path = fixture_dir("geneformer")
+    path = fixture_dir("geneformer_isp")
     adata = ad.read_h5ad(path / "input.h5ad")
     Geneformer.setup_anndata(adata)
     return Geneformer.from_pretrained(path / "checkpoint", adata), adata
@@ -32,7 +37,6 @@ def test_perturb_tokens_rules():
     genes = [10, 11, 12, 13, 14, 15, 16, 17]
     assert perturb_tokens(genes, {12, 15}, "delete", max_genes=8) == [10, 11, 13, 14, 16, 17]
     assert perturb_tokens(genes, {99}, "delete", max_genes=8) is None
-    # overexpress: to the front; absent genes are inserted and the encoding truncated
     assert perturb_tokens(genes, {15}, "overexpress", max_genes=8) == [
         15,
         10,
@@ -44,135 +48,155 @@ def test_perturb_tokens_rules():
         17,
     ]
     assert perturb_tokens(genes, {99}, "overexpress", max_genes=8) == [99, *genes[:7]]
-    # inhibit / activate: one quartile (2 of 8 positions) down / up
     assert perturb_tokens(genes, {11}, "inhibit", max_genes=8) == [10, 12, 13, 11, 14, 15, 16, 17]
     assert perturb_tokens(genes, {16}, "activate", max_genes=8) == [10, 11, 12, 13, 16, 14, 15, 17]
-    assert perturb_tokens(genes, {16}, "inhibit", max_genes=8, rank_shift=3)[-1] == 16
 
 
-def _manual_delete(model, cell, token):
-    """Embeddings of one cell with and without ``token``, straight through the module."""
-    m = model.module
-    ids, lengths = model.get_tokens(indices=[cell])
-    row = ids[0, : lengths[0]]
-    new = row[row != token]
-    o = torch.tensor(row)[None]
-    p = torch.tensor(new)[None]
-    with torch.inference_mode():
-        ho, _ = m.encode(o, torch.tensor([len(row)]), -2)
-        hp, _ = m.encode(p, torch.tensor([len(new)]), -2)
-    return row, new, ho[0], hp[0]
-
-
-def test_delete_matches_manual_computation(loaded):
+def test_store_streams_and_resumes(loaded, tmp_path, monkeypatch):
     model, adata = loaded
-    ids, lengths = model.get_tokens()
-    token = int(ids[0, 3])  # a gene ranked 3rd in cell 0
-    gene = model._vocab_names()[token]
-    expressed = np.array([token in ids[i, : lengths[i]] for i in range(adata.n_obs)])
-    assert 0 < expressed.sum() < adata.n_obs
-    table = scfm.tl.in_silico_perturbation(
-        model, adata, gene, "delete", key_added="isp", progress_bar=False
+    kw = dict(indices=np.arange(12), gene_shifts=True, progress_bar=False)
+    memory = scfm.tl.in_silico_perturbation(model, adata, key_added="mem", **kw)
+    monkeypatch.setattr(isp, "CELLS_PER_PART", 5)
+    store = tmp_path / "screen"
+    first = scfm.tl.in_silico_perturbation(model, adata, store=store, key_added="disk", **kw)
+    parts = sorted(store.glob("part-*.npz"))
+    assert len(parts) == 3 and "genes" not in adata.uns["disk"]  # gene values stay on disk
+    pd.testing.assert_frame_equal(first, memory)
+    # an interrupted screen: the last part never got written
+    parts[-1].unlink()
+    calls = []
+    run = RankEncoder.run
+    monkeypatch.setattr(
+        RankEncoder, "run", lambda self, *a, **k: calls.append(1) or run(self, *a, **k)
     )
-    cos = adata.obs["isp"].to_numpy()
-    assert np.isnan(cos[~expressed]).all() and np.isfinite(cos[expressed]).all()
-    row, new, ho, hp = _manual_delete(model, 0, token)
-    expected = torch.nn.functional.cosine_similarity(hp[0], ho[0], dim=0).item()  # V2: <cls>
-    np.testing.assert_allclose(cos[0], expected, atol=1e-5)
-    assert gene not in table.index and "<cls>" not in table.index
-    # gene shift of one cell: the top gene of cell 0 compared across contexts
-    single = scfm.tl.in_silico_perturbation(
-        model, adata, gene, "delete", indices=[0], key_added="isp0", progress_bar=False
-    )
-    other = int(row[1])
-    j_new = int(np.flatnonzero(new == other)[0])
-    ref = torch.nn.functional.cosine_similarity(hp[j_new], ho[1], dim=0).item()
-    name = model._vocab_names()[other]
-    np.testing.assert_allclose(single.loc[name, "mean_cosine"], ref, atol=1e-5)
-    assert single.loc[name, "n_cells"] == 1
-    assert (np.diff(single["shift"].to_numpy()) <= 0).all()
-    assert adata.uns["scfm"]["obs"]["isp0"]["perturb_type"] == "delete"
+    again = scfm.tl.in_silico_perturbation(model, adata, store=store, key_added="disk", **kw)
+    assert len(calls) == 2  # only the two cells of the lost part
+    pd.testing.assert_frame_equal(again, memory)
+    ours = scfm.tl.perturbation_statistics(adata, "aggregate_gene_shifts", "disk")
+    ref = scfm.tl.perturbation_statistics(adata, "aggregate_gene_shifts", "mem")
+    pd.testing.assert_frame_equal(ours, ref, atol=1e-9)
+    adata.copy().write_h5ad(tmp_path / "stats.h5ad")  # screens and tables are h5ad-writable
+    with pytest.raises(InvalidInputError, match="other arguments"):
+        scfm.tl.in_silico_perturbation(model, adata, "all", "overexpress", store=store, **kw)
 
 
-def test_overexpress_all_cells_and_plot(loaded):
+def test_batch_size_and_pooling(loaded):
     model, adata = loaded
-    gene = "ENSG00000026103"  # FAS, in the fixture vocabulary
-    table = scfm.tl.in_silico_perturbation(
-        model, adata, [gene], "overexpress", key_added="ox", progress_bar=False
-    )
-    cos = adata.obs["ox"].to_numpy()
-    assert np.isfinite(cos).all() and (cos < 1.0 + 1e-6).all() and (cos.min() < 0.9999)
-    assert len(table) > 100 and (table["n_cells"] > 0).all()
-    ax = scfm.pl.perturbation_shifts(adata, "ox", n_top=5, gene_symbols="gene_symbols")
-    labels = [t.get_text() for t in ax.get_yticklabels()]
-    assert len(labels) == 5 and all(not s.startswith("ENSG") for s in labels)
-    ax = scfm.pl.perturbation_shifts(adata, "ox", n_top=5, gene_symbols="gencode")
-    top = adata.uns["ox"].sort_values("shift", ascending=False).index[:5]
-    symbols = scfm.data.map_gene_ids(top, to="symbol")
-    expected = {s if isinstance(s, str) else g for g, s in symbols.items()}
-    assert {t.get_text() for t in ax.get_yticklabels()} == expected
+    kw = dict(indices=np.arange(5), gene_shifts=True, progress_bar=False)
+    a = scfm.tl.in_silico_perturbation(model, adata, batch_size=1, key_added="b1", **kw)
+    b = scfm.tl.in_silico_perturbation(model, adata, batch_size=64, key_added="b64", **kw)
+    np.testing.assert_allclose(a["cos_sim"], b["cos_sim"], atol=1e-6)
+    # dropout is off during a screen, and the module's training flag comes back
+    model.module.train()
+    try:
+        c = scfm.tl.in_silico_perturbation(model, adata, key_added="train", **kw)
+        assert model.module.training
+    finally:
+        model.module.eval()
+    np.testing.assert_allclose(c["cos_sim"], b["cos_sim"], atol=1e-6)
+    # mean pooling: the cell value is the mean of the per-gene cosines (reference emb_mode "cell")
+    scfm.tl.in_silico_perturbation(model, adata, pooling="mean", key_added="mean", **kw)
+    cells, genes = adata.uns["mean"]["cells"], adata.uns["mean"]["genes"]
+    per = genes.groupby(["obs_index", "perturbed"], observed=True)["cos_sim"].mean()
+    got = cells.set_index(["obs_index", "perturbed"])["cos_sim"]
+    np.testing.assert_allclose(got.loc[per.index].to_numpy(), per.to_numpy(), atol=1e-6)
 
 
-def test_symbols_and_errors(loaded):
+def test_symbols_selection_and_obs(loaded, tmp_path):
     model, adata = loaded
-    scfm.tl.in_silico_perturbation(
-        model, adata, "FAS", "inhibit", indices=[0, 1, 2], key_added="fas", progress_bar=False
+    by_id = scfm.tl.in_silico_perturbation(
+        model, adata, ["ENSG00000174500"], "overexpress", progress_bar=False, key_added="id"
     )
-    assert adata.obs["fas"].notna().sum() <= 3
-    with pytest.raises(GeneVocabularyError, match="NOTAGENE"):
-        scfm.tl.in_silico_perturbation(model, adata, "NOTAGENE", progress_bar=False)
-    with pytest.raises(InvalidInputError, match="perturb_type"):
-        scfm.tl.in_silico_perturbation(model, adata, "FAS", "knockout", progress_bar=False)
-
-
-def test_goal_state_shift_matches_manual_computation(loaded):
-    model, adata = loaded
-    states = {
-        "state_key": "cell_type",
-        "start_state": "B cell",
-        "goal_state": "T cell",
-        "alt_states": ["monocyte"],
-    }
-    ids, _ = model.get_tokens()
-    token = int(ids[0, 3])  # cell 0 is a B cell
-    assert adata.obs["cell_type"].iloc[0] == "B cell"
-    before = adata.obs.copy()
-    scfm.tl.in_silico_perturbation(
+    by_symbol = scfm.tl.in_silico_perturbation(
+        model, adata, ["GCSAM"], "overexpress", progress_bar=False, key_added="sym"
+    )
+    pd.testing.assert_frame_equal(by_id, by_symbol)
+    # an AnnData named by symbols: the symbol is a var name there, and still the model's gene
+    named = adata.copy()
+    named.var_names = named.var["gene_symbols"].astype(str).where(lambda s: s != "", "x")
+    named.var_names_make_unique()
+    Geneformer.setup_anndata(named)
+    other = scfm.tl.in_silico_perturbation(
+        model, named, ["GCSAM"], "overexpress", progress_bar=False, key_added="named"
+    )
+    np.testing.assert_allclose(other["cos_sim"], by_id["cos_sim"], atol=1e-6)
+    assert list(other["perturbed"].astype(str)) == list(by_id["perturbed"].astype(str))
+    adata.copy().write_h5ad(tmp_path / "screen.h5ad")  # results are h5ad-writable
+    obs = adata.obs["sym"].to_numpy()
+    np.testing.assert_allclose(obs[by_id["obs_index"]], by_id["cos_sim"])
+    sub = scfm.tl.in_silico_perturbation(
         model,
         adata,
-        model._vocab_names()[token],
-        "delete",
-        cell_states_to_model=states,
-        key_added="treat",
+        "all",
+        max_cells=4,
+        seed=1,
+        filter_data={"disease": "hcm"},
         progress_bar=False,
+        key_added="sub",
     )
-    shift = adata.obs["treat_goal_shift"].to_numpy()
-    is_b = (adata.obs["cell_type"] == "B cell").to_numpy()
-    assert np.isnan(shift[~is_b]).all() and np.isfinite(shift[0])
-    # independent: goal embedding = mean <cls> state of the T cells, cell 0 with / without gene
-    t_cells = np.flatnonzero((adata.obs["cell_type"] == "T cell").to_numpy())
-    goal = torch.as_tensor(model.get_latent_representation(indices=t_cells, progress_bar=False))
-    goal = goal.mean(0)
-    _, _, ho, hp = _manual_delete(model, 0, token)
-    cos = torch.nn.functional.cosine_similarity
-    expected = (cos(hp[0], goal, dim=0) - cos(ho[0], goal, dim=0)).item()
-    assert abs(expected) > 1e-4  # large enough that a sign or state mix-up would show
-    np.testing.assert_allclose(shift[0], expected, atol=1e-5)
-    summary = adata.uns["treat_state_shifts"]
-    assert list(summary.index) == ["T cell", "monocyte"]
-    assert list(summary["role"]) == ["goal", "alt"]
-    np.testing.assert_allclose(summary.loc["T cell", "mean_shift"], np.nanmean(shift), atol=1e-6)
-    assert summary.loc["T cell", "n_cells"] == np.isfinite(shift).sum()
-    new = {"treat", "treat_goal_shift"}
-    assert set(adata.obs.columns) == set(before.columns) | new
-    # bad specifications fail before any forward pass, naming the problem
-    with pytest.raises(scfm.errors.AnnDataKeyError, match="disease"):
-        scfm.tl.in_silico_perturbation(
-            model, adata, "FAS", cell_states_to_model={**states, "state_key": "disease"}
-        )
+    picked = adata.uns["sub"]["cells_processed"]
+    assert len(picked) == 4 and (adata.obs["disease"].iloc[picked] == "hcm").all()
+    assert set(sub["obs_index"]) == set(picked)
+
+
+def test_errors(loaded):
+    model, adata = loaded
+    run = scfm.tl.in_silico_perturbation
+    with pytest.raises(InvalidInputError, match="perturb_type"):
+        run(model, adata, ["GCSAM"], "inhibit")
+    with pytest.raises(InvalidInputError, match="anchor_gene"):
+        run(model, adata, ["GCSAM"], anchor_gene="CADM4")
+    with pytest.raises(AnnDataKeyError, match="tissue"):
+        run(model, adata, filter_data={"tissue": ["heart"]})
+    with pytest.raises(InvalidInputError, match="No cells remain"):
+        run(model, adata, filter_data={"disease": ["none"]})
+    with pytest.raises(AnnDataKeyError, match="cell_type"):
+        run(model, adata, cell_states_to_model={**STATES, "state_key": "cell_type"})
     with pytest.raises(InvalidInputError, match="no cells"):
-        scfm.tl.in_silico_perturbation(
-            model, adata, "FAS", cell_states_to_model={**states, "goal_state": "neuron"}
-        )
-    with pytest.raises(InvalidInputError, match="goal_state"):
-        scfm.tl.in_silico_perturbation(model, adata, "FAS", cell_states_to_model={"state_key": "x"})
+        run(model, adata, cell_states_to_model={**STATES, "goal_state": "healthy"})
+    with pytest.raises(InvalidInputError, match="hidden_layer"):
+        run(model, adata, hidden_layer=7)
+    with pytest.raises(AnnDataKeyError, match="in_silico_perturbation"):
+        scfm.tl.perturbation_statistics(adata, "goal_state_shift", "never_ran")
+
+
+def test_statistics_helpers():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=200) ** 3
+    from statsmodels.stats.multitest import multipletests
+
+    np.testing.assert_allclose(benjamini_hochberg(p), multipletests(p, method="fdr_bh")[1])
+    pool = np.round(rng.normal(size=500), 2)  # ties
+    y = pool[rng.choice(500, 30, replace=False)]
+    np.testing.assert_allclose(
+        ranksums_in_pool(np.sort(pool), y), stats.ranksums(pool, y).pvalue, rtol=1e-12
+    )
+
+
+def test_goal_state_statistics_and_plots(loaded):
+    model, adata = loaded
+    table = scfm.tl.in_silico_perturbation(
+        model,
+        adata,
+        "all",
+        cell_states_to_model=STATES,
+        indices=np.arange(30),
+        progress_bar=False,
+        key_added="treat",
+    )
+    assert {"shift_to_dcm", "shift_to_nf", "shift_to_hcm"} <= set(table.columns)
+    result = scfm.tl.perturbation_statistics(adata, "goal_state_shift", "treat")
+    assert adata.uns["treat_goal_state_shift"] is result
+    assert result["significant"].dtype == bool
+    assert (np.diff(result["shift_to_goal"][~result["significant"]]) <= 0).all()
+    per_gene = table.groupby("perturbed", observed=True)["shift_to_nf"].mean()
+    np.testing.assert_allclose(
+        result.set_index("gene")["shift_to_goal"].loc[per_gene.index], per_gene, atol=1e-6
+    )
+    ax = scfm.pl.perturbation_shifts(adata, "treat", genes=["UROS"])
+    assert ax.get_xlabel() == "shift_to_nf"
+    ax = scfm.pl.perturbation_top_genes(adata, "treat_goal_state_shift", n_top=3)
+    labels = [t.get_text().rstrip("*") for t in ax.get_yticklabels()]
+    top = result.sort_values("shift_to_goal", ascending=False)
+    assert labels[0] == (top["symbol"].iloc[0] or top["gene"].iloc[0])
+    assert len(labels) <= 6

@@ -26,3 +26,6 @@ __all__: list[str] = [
     "scfoundation_gears_embeddings",
     "transfer_labels",
 ]
+from ._perturbation_stats import perturbation_statistics
+
+__all__ += ["perturbation_statistics"]
