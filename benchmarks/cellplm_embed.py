@@ -1,127 +1,258 @@
-"""Throughput and peak memory of CellPLM embeddings: scfm vs a reference-style forward.
+"""CellPLM cell embeddings at release size: scfm vs the reference pipeline (or a mirror).
 
-The reference ``CellEmbeddingPipeline`` feeds every ``obs["batch"]`` group as ONE sequence
-(a 20,000-cell sample is one forward pass over a dense 20,000-cell sentence). scfm packs whole
-sentences into minibatches of at most ``batch_size`` cells, and ``chunk_size`` bounds a
-sentence, so memory stays bounded however many cells a sample holds.
+Writes a randomly initialised ``20231027_85M`` release in the released layout
+(``<prefix>.config.json`` with the released keys + ``<prefix>.best.ckpt`` =
+``{"model_state_dict": ...}``: 1,024 wide, 4 Flowformer layers, VAE latent 512, NB decoder,
+19,374 genes, 12,596 batch / 484 dataset covariates) and an ``.h5ad`` of raw counts over
+5,000 vocabulary genes (~1,500 expressed per cell) whose cells all share one ``batch`` value,
+so the reference reads them as ONE sentence; then runs each side in its own process:
 
-Each mode runs in its own process (peak RSS is per process)::
+* ``scfm``: ``CellPLM.from_pretrained(dir, adata, prefix=...).get_latent_representation()``.
+* ``reference`` (``--reference-dir`` = a checkout of OmicsML/CellPLM or an unpacked
+  ``cellplm`` wheel; its ``.venv`` or ``--reference-python`` needs einops / hdf5plugin /
+  mygene / pydance importable): ``CellEmbeddingPipeline(pretrain_prefix,
+  pretrain_directory).predict(adata, device="cpu", ensembl_auto_conversion=False)``, timed
+  whole (preprocessing + forward), model loading excluded.
+* ``mirror`` (no checkout): the reference forward written here in torch: sparse
+  ``log1p(X) @ E``, Linear-ReLU-GroupNorm, 4 pre-LN Flowformer layers over the whole
+  sentence, LayerNorm, VAE ``mu`` (and the unused ``sigma``, which the reference computes).
 
-    python benchmarks/cellplm_embed.py                # all modes, real-sized random model
-    python benchmarks/cellplm_embed.py --n-cells 2000 --width 256   # quick run
-
-Modes: ``reference`` (one 20,000-cell sentence, one forward), ``scfm-batches`` (20 samples of
-1,000 cells, minibatches of 4,096 cells), ``scfm-chunked`` (one 20,000-cell sample,
-``chunk_size=1000``).
+    python benchmarks/cellplm_embed.py [--cells 2000] [--quick] [--reference-dir PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
-import time
+from pathlib import Path
 
-import anndata as ad
-import numpy as np
-import scipy.sparse as sp
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
 
-MODES = ("reference", "scfm-batches", "scfm-chunked")
+PREFIX = "20231027_85M"
+ENC, LAYERS, HEADS, POST, DEC, N_VOCAB = 1024, 4, 8, 512, 1024, 19374
+BATCH_NUM, DATASET_NUM = 12596, 484
+CELLS, QUICK_CELLS = 2000, 1000
+N_GENES, N_EXPRESSED = 5000, 1500
+FIXTURE = C.BENCH_DIR.parent / "tests" / "data" / "fixtures" / "cellplm" / "checkpoint"
 
 
-def _data(n_cells: int, n_genes: int, n_samples: int, seed: int = 0) -> ad.AnnData:
+def _gene_list() -> list[str]:
     from scfm.data import gene_table
 
-    rng = np.random.default_rng(seed)
-    genes = gene_table()["ensembl_id"].drop_duplicates().iloc[:n_genes].tolist()
-    x = sp.random(n_cells, n_genes, density=0.1, format="csr", random_state=seed, dtype=np.float32)
-    x.data = rng.poisson(3.0, size=x.nnz).astype(np.float32) + 1
-    adata = ad.AnnData(x, var={"gene": genes})
-    adata.var_names = genes
-    adata.obs["batch"] = [f"s{i % n_samples:03d}" for i in range(n_cells)]
-    return adata
+    return sorted(gene_table()["ensembl_id"].drop_duplicates().iloc[:N_VOCAB].tolist())
 
 
-def _config(width: int) -> dict:
-    # the released 85M architecture (19,374-gene vocabulary), optionally narrower
-    return {
-        "enc_hid": width,
-        "enc_layers": 4,
-        "post_latent_dim": width // 2,
-        "dec_hid": width,
-        "latent_mod": "vae",
-        "batch_num": 0,
-        "dataset_num": 0,
+def write_release(directory: Path, seed: int = 0) -> Path:
+    """Random release files of the 85M size, keys and layout of the fixture (= the release)."""
+    import torch
+
+    cfg_file = directory / f"{PREFIX}.config.json"
+    if cfg_file.exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_cfg = json.loads((FIXTURE / f"{PREFIX}.config.json").read_text())
+    tiny = torch.load(FIXTURE / f"{PREFIX}.best.ckpt", weights_only=True)["model_state_dict"]
+    te, tp, td = tiny_cfg["enc_hid"], tiny_cfg["post_latent_dim"], tiny_cfg["dec_hid"]
+    assert te == tp, "the mapping below assumes the fixture's enc_hid == post_latent_dim"
+    fixed = {
+        td: DEC,
+        2 * te: 2 * ENC,
+        tiny_cfg["out_dim"]: N_VOCAB,
+        tiny_cfg["batch_num"]: BATCH_NUM,
+        tiny_cfg["dataset_num"]: DATASET_NUM,
     }
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in tiny.items():
+        keys = [key]
+        if key.startswith("encoder.layers."):
+            if not key.startswith("encoder.layers.0."):
+                continue
+            keys = [key.replace("layers.0.", f"layers.{i}.") for i in range(LAYERS)]
+        shape = []
+        for j, s in enumerate(value.shape):
+            if s == te:
+                post = (key.startswith("latent.") and j == 0) or (
+                    key == "decoder.layers.0.0.weight" and j == 1
+                )
+                shape.append(POST if post else ENC)
+            else:
+                shape.append(fixed.get(s, s))
+        for k in keys:
+            state[k] = C.random_tensor(shape, k, gen)
+    torch.save({"model_state_dict": state}, directory / f"{PREFIX}.best.ckpt")
+    cfg = dict(
+        tiny_cfg,
+        name=PREFIX,
+        enc_hid=ENC,
+        enc_layers=LAYERS,
+        post_latent_dim=POST,
+        dec_hid=DEC,
+        out_dim=N_VOCAB,
+        batch_num=BATCH_NUM,
+        dataset_num=DATASET_NUM,
+    )
+    cfg["gene_list"] = _gene_list()  # last key, as released
+    cfg_file.write_text(json.dumps(cfg))
+    return directory
 
 
-def run_mode(mode: str, n_cells: int, n_genes: int, width: int) -> dict:
+def write_data(path: Path, n_cells: int, seed: int = 3) -> Path:
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    if path.exists():
+        return path
+    genes = _gene_list()
+    rng = np.random.default_rng(seed)
+    genes = sorted(rng.choice(genes, N_GENES, replace=False).tolist())
+    x = C.synthetic_counts(n_cells, N_GENES, N_EXPRESSED, seed=seed)
+    obs = pd.DataFrame({"batch": ["sample0"] * n_cells}, index=[f"cell{i}" for i in range(n_cells)])
+    ad.AnnData(x, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+    return path
+
+
+def cellplm_flops(nnz: float, n_cells: int) -> float:
+    """Matmul FLOPs of the embedding path: sparse embedding, extra linear, encoder, mu."""
+    hd = ENC // HEADS
+    per_cell = 2 * ENC * ENC  # extra_linear
+    per_cell += LAYERS * (2 * (4 * ENC * ENC + 2 * ENC * 2 * ENC) + 2 * 2 * ENC * hd)
+    per_cell += 2 * ENC * POST  # mu
+    return 2 * nnz * ENC + n_cells * per_cell
+
+
+# --------------------------------------------------------------------------- workers
+def worker_scfm(args) -> None:
+    import anndata as ad
+    import numpy as np
+
     import scfm
 
-    torch.manual_seed(0)
-    n_samples = 1 if mode in ("reference", "scfm-chunked") else max(1, n_cells // 1000)
-    adata = _data(n_cells, n_genes, n_samples)
+    C.set_threads(args.threads)
+    adata = ad.read_h5ad(args.data)
     scfm.model.CellPLM.setup_anndata(adata)
-    vocab = scfm.data.gene_table()["ensembl_id"].drop_duplicates().iloc[:19374].tolist()
-    model = scfm.model.CellPLM(adata, config=_config(width), gene_list=vocab)
-    model.module.eval()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    if mode == "reference":
-        with torch.inference_mode():
-            x = torch.as_tensor(adata.X.toarray())
-            z = model.module.inference(x, torch.zeros(n_cells, dtype=torch.long))["z"]
-    elif mode == "scfm-batches":
-        z = model.get_latent_representation(progress_bar=False)
-    else:
-        z = model.get_latent_representation(chunk_size=1000, progress_bar=False)
-    elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "mode": mode,
-        "cells_per_s": n_cells / elapsed,
-        "peak_rss_mb": peak / 1024,
-        "rss_growth_mb": (peak - rss0) / 1024,
-        "shape": list(np.asarray(z).shape),
-    }
+    model = scfm.model.CellPLM.from_pretrained(args.release, adata, prefix=PREFIX)
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t:
+        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
+    np.save(args.out, np.asarray(z, dtype=np.float32))
+    # the machine may be shared: the higher of the rates before and after the timed call
+    peak = max(peak, C.matmul_peak_gflops())
+    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
 
 
-def main() -> None:
+def worker_reference(args) -> None:
+    import anndata as ad
+    import numpy as np
+
+    C.set_threads(args.threads)
+    ref = Path(args.reference_dir).resolve()
+    sys.path.insert(0, str(ref))
+    from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
+
+    adata = ad.read_h5ad(args.data)
+    pipeline = CellEmbeddingPipeline(pretrain_prefix=PREFIX, pretrain_directory=args.release)
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t:
+        z = pipeline.predict(adata, device="cpu", ensembl_auto_conversion=False)
+    z = z.detach().cpu().numpy().astype(np.float32)
+    np.save(args.out, z)
+    C.worker_report(cells=len(z), seconds=t.seconds, matmul_gflops=peak)
+
+
+def _flow_attention(x, p, pre: str, heads: int, eps: float = 1e-6):
+    """Flow_Attention of the reference (non-causal) over one sentence ``x`` (L, d)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+
+    def proj(name):
+        y = F.linear(x, p[f"{pre}.{name}_projection.weight"], p[f"{pre}.{name}_projection.bias"])
+        return y.view(n, heads, -1).transpose(0, 1)  # h, L, dh
+
+    q, k, v = torch.sigmoid(proj("query")), torch.sigmoid(proj("key")), proj("value")
+    sink_in = 1.0 / torch.einsum("hld,hd->hl", q + eps, k.sum(1) + eps)
+    source_out = 1.0 / torch.einsum("hld,hd->hl", k + eps, q.sum(1) + eps)
+    cons_sink = torch.einsum("hld,hd->hl", q + eps, (k * source_out[..., None]).sum(1) + eps)
+    cons_source = torch.einsum("hld,hd->hl", k + eps, (q * sink_in[..., None]).sum(1) + eps)
+    cons_source = cons_source.clamp(-1.0, 1.0)
+    alloc = torch.sigmoid(cons_sink)
+    comp = torch.softmax(cons_source, dim=-1) * float(n)
+    kv = torch.einsum("hld,hlm->hdm", k, v * comp[..., None])
+    out = torch.einsum("hld,hdm->hlm", q * sink_in[..., None], kv) * alloc[..., None]
+    out = out.transpose(0, 1).reshape(n, -1)
+    return F.linear(out, p[f"{pre}.out_projection.weight"], p[f"{pre}.out_projection.bias"])
+
+
+def worker_mirror(args) -> None:
+    import anndata as ad
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    C.set_threads(args.threads)
+    rel = Path(args.release)
+    cfg = json.loads((rel / f"{PREFIX}.config.json").read_text())
+    p = torch.load(rel / f"{PREFIX}.best.ckpt", weights_only=True)["model_state_dict"]
+    adata = ad.read_h5ad(args.data)
+    index = {g: i for i, g in enumerate(cfg["gene_list"])}
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t, torch.no_grad():
+        keep = [j for j, g in enumerate(adata.var_names) if g in index]
+        rows = torch.as_tensor([index[adata.var_names[j]] for j in keep])
+        x = adata.X[:, keep].tocoo()
+        xs = torch.sparse_coo_tensor(
+            np.vstack([x.row, x.col]), np.log1p(x.data), x.shape, dtype=torch.float32
+        )
+        h = torch.sparse.mm(xs, p["embedder.feat_enc.emb"][rows])
+        h = F.relu(
+            F.linear(h, p["embedder.extra_linear.0.weight"], p["embedder.extra_linear.0.bias"])
+        )
+        h = F.group_norm(
+            h, 4, p["embedder.extra_linear.3.weight"], p["embedder.extra_linear.3.bias"]
+        )
+        for i in range(cfg["enc_layers"]):
+            pre = f"encoder.layers.{i}"
+            y = F.layer_norm(h, (ENC,), p[f"{pre}.norm1.weight"], p[f"{pre}.norm1.bias"])
+            h = h + _flow_attention(y, p, f"{pre}.self_attn", HEADS)
+            y = F.layer_norm(h, (ENC,), p[f"{pre}.norm2.weight"], p[f"{pre}.norm2.bias"])
+            y = F.gelu(F.linear(y, p[f"{pre}._ff_block.0.weight"], p[f"{pre}._ff_block.0.bias"]))
+            h = h + F.linear(y, p[f"{pre}._ff_block.3.weight"], p[f"{pre}._ff_block.3.bias"])
+        h = F.layer_norm(
+            h, (ENC,), p["pre_latent_norm.norm.weight"], p["pre_latent_norm.norm.bias"]
+        )
+        z = F.linear(h, p["latent.layers.1.hid_2mu.weight"], p["latent.layers.1.hid_2mu.bias"])
+        F.linear(h, p["latent.layers.1.hid_2sigma.weight"], p["latent.layers.1.hid_2sigma.bias"])
+    np.save(args.out, z.numpy())
+    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import anndata as ad
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-cells", type=int, default=20_000)
-    parser.add_argument("--n-genes", type=int, default=2_000)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--mode", choices=MODES)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.mode:
-        print(json.dumps(run_mode(args.mode, args.n_cells, args.n_genes, args.width)))
-        return
-    results = {}
-    for mode in MODES:
-        cmd = [sys.executable, __file__, "--mode", mode, "--n-cells", str(args.n_cells)]
-        cmd += ["--n-genes", str(args.n_genes), "--width", str(args.width)]
-        cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
-    print(f"{args.n_cells} cells, {args.n_genes} genes, width {args.width}, {args.threads} threads")
-    print(f"{'mode':<14}{'cells/s':>10}{'peak RSS MB':>14}{'RSS growth MB':>16}")
-    for r in results.values():
-        print(
-            f"{r['mode']:<14}{r['cells_per_s']:>10.0f}{r['peak_rss_mb']:>14.0f}"
-            f"{r['rss_growth_mb']:>16.0f}"
-        )
-    ref = results["reference"]
-    for mode in MODES[1:]:
-        r = results[mode]
-        print(
-            f"{mode} / reference: speed x{r['cells_per_s'] / ref['cells_per_s']:.2f}, "
-            f"memory growth x{r['rss_growth_mb'] / max(ref['rss_growth_mb'], 1e-9):.2f}"
-        )
+    C.add_cli(parser, "checkout of OmicsML/CellPLM (or the unpacked cellplm wheel)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
+        workers[args.worker](args)
+        return {}
+    n = args.cells or (QUICK_CELLS if args.quick else CELLS)
+    work = C.work_dir(args.work_dir)
+    release = C.build_once(work / "cellplm", write_release)
+    data = C.build_once(work / f"cellplm-cells{n}.h5ad", lambda p: write_data(p, n))
+    common = ["--release", str(release), "--data", str(data)]
+    scfm, base, kind, cmp = C.run_sides(__file__, "cellplm", args, common)
+    nnz = ad.read_h5ad(data).X.nnz
+    extra = {"cells": n, "nnz_per_cell": nnz / n, **cmp}
+    res = C.summarise("cellplm", scfm, base, kind, cellplm_flops(nnz, n), extra)
+    C.print_summary(res)
+    C.emit_result(**res)
+    return res
 
 
 if __name__ == "__main__":

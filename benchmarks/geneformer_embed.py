@@ -1,264 +1,435 @@
-"""Geneformer cell-embedding throughput and memory: scfm vs a plain eager HF-style forward.
+"""Geneformer cell embeddings at release size: scfm vs the reference EmbExtractor (or a mirror).
 
-Both sides use the same randomly initialised V1-10M-sized weights (6 layers, hidden 256,
-4 heads, FFN 512, vocab 25,426, 2,048 positions) on synthetic cells with ~1,900 expressed
-vocabulary genes, batch 25.
+Writes a randomly initialised release in the released layout (HF ``BertForMaskedLM``
+directory: ``config.json``, ``model.safetensors`` without the tied decoder, the four
+dictionary pickles) for V1-10M (6 layers, 256 wide, 2,048 inputs, 25,426 tokens) or V2-104M
+(12 layers, 768 wide, 4,096 inputs, 20,275 tokens) and an ``.h5ad`` of raw counts with
+~1,900 expressed genes per cell, then runs each side in its own process:
 
-* scfm: ``Geneformer.get_latent_representation`` (tokenises raw counts on the fly, groups
-  cells by length, trims padding to the longest cell, SDPA attention, stops after the layer
-  it needs: the reference default second-to-last layer).
-* baseline: the reference EmbExtractor's forward as HF BERT "eager" runs it: pre-tokenised
-  ids (tokenisation not timed), minibatches padded to their longest cell, attention scores
-  and probabilities materialised (``softmax(QK^T / sqrt(d) + mask) V``), all hidden states
-  kept (``output_hidden_states=True``), then the same pooling.
+* ``scfm``: ``Geneformer.from_pretrained(release, adata).get_latent_representation()``
+  (tokenises on the fly; timed end to end, model loading excluded).
+* ``reference`` (``--reference-dir`` = a checkout of ctheodoris/Geneformer, run with the
+  checkout's ``.venv`` interpreter or ``--reference-python``): ``TranscriptomeTokenizer``
+  (its time is reported separately as ``baseline_prepare_seconds``) then
+  ``EmbExtractor(model_type="Pretrained", emb_mode="cell"|"cls", emb_layer=-1,
+  forward_batch_size=100).extract_embs``; the time of the reference ``get_embs`` (the forward
+  passes) is the baseline time. The reference hard-codes ``"cuda"``; the adapter maps it to the
+  CPU at run time (no file of the checkout is changed).
+* ``mirror`` (no checkout): the same path written here: the reference tokenisation in numpy,
+  then HF ``BertForMaskedLM(output_hidden_states=True)`` over length-sorted minibatches of
+  100 padded cells, pooled as EmbExtractor pools.
 
-Each side runs in its own subprocess so that peak RSS (``ru_maxrss``) is its own; each
-subprocess also times a float32 matmul to report achieved GFLOP/s as a fraction of the
-machine's matmul peak. The baseline embeds fewer cells by default (``--baseline-cells``) to
-keep the run short; throughput is a rate, so the ratio is unaffected.
+Prints a summary and, last, ``RESULT {json}`` (protocol in benchmarks/README.md).
 
-Run: ``python benchmarks/geneformer_embed.py`` (about 2 minutes on 2 CPU cores).
+    python benchmarks/geneformer_embed.py --variant V1 [--cells 40] [--quick]
+    python benchmarks/geneformer_embed.py --variant V2 --reference-dir /path/to/Geneformer
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import resource
-import subprocess
+import pickle
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
 
-HIDDEN, LAYERS, HEADS, FFN, VOCAB, MAX_POS = 256, 6, 4, 512, 25426, 2048
-N_GENES = 3000
+VARIANTS = {
+    # layers, hidden, heads, ffn, max positions, dictionary suffix
+    "V1": {
+        "layers": 6,
+        "hidden": 256,
+        "heads": 4,
+        "ffn": 512,
+        "positions": 2048,
+        "suffix": "gc30M",
+    },
+    "V2": {
+        "layers": 12,
+        "hidden": 768,
+        "heads": 12,
+        "ffn": 3072,
+        "positions": 4096,
+        "suffix": "gc104M",
+    },
+}
+CELLS = {"V1": 40, "V2": 8}
+QUICK_CELLS = {"V1": 16, "V2": 4}
+N_GENES, N_EXPRESSED = 3000, 1900
+REF_BATCH = 100  # EmbExtractor's default forward_batch_size
 
 
-def make_counts(n_cells: int, seed: int = 0) -> np.ndarray:
-    """Counts with ~1,900 expressed genes per cell (lengths 1,700-2,048 after truncation)."""
-    rng = np.random.default_rng(seed)
-    n_expr = rng.integers(1700, 2100, size=n_cells)
-    x = np.zeros((n_cells, N_GENES), dtype=np.float32)
-    for i, k in enumerate(n_expr):
-        cols = rng.choice(N_GENES, size=k, replace=False)
-        x[i, cols] = rng.integers(1, 50, size=k)
-    return x
+# --------------------------------------------------------------------------- release files
+def _resource(name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("scfm.data") / "resources" / "geneformer" / name))
 
 
-def make_adata(n_cells: int):
+def _dictionaries(variant: str) -> dict[str, dict]:
+    """Token, median, name and mapping dictionaries of the release (real where scfm ships them)."""
+    with open(_resource("token_dictionary_gc30M.pkl"), "rb") as fh:
+        tokens_v1 = pickle.load(fh)
+    with open(_resource("gene_median_dictionary_gc30M.pkl"), "rb") as fh:
+        medians_v1 = pickle.load(fh)
+    with open(_resource("gene_name_id_dict_gc30M.pkl"), "rb") as fh:
+        names = pickle.load(fh)
+    if variant == "V1":
+        tokens = tokens_v1
+        medians = medians_v1
+    else:
+        with open(_resource("token_dictionary_gc104M.pkl"), "rb") as fh:
+            tokens = pickle.load(fh)
+        # the V2 median dictionary is not available offline: V1 medians where known, else
+        # distinct values near 1.5 (no ties in the ranking, so both sides' sorts agree)
+        genes_v2 = [g for g in tokens if not g.startswith("<")]
+        medians = {
+            g: float(medians_v1[g]) if g in medians_v1 else 1.5 + 1e-4 * i
+            for i, g in enumerate(genes_v2)
+        }
+    genes = {g for g in tokens if not g.startswith("<")}
+    names = {k: v for k, v in names.items() if v in genes}
+    mapping = {g: g for g in genes}
+    return {
+        "token_dictionary": tokens,
+        "gene_median_dictionary": medians,
+        "gene_name_id_dict": names,
+        "ensembl_mapping_dict": mapping,
+    }
+
+
+def write_release(directory: Path, variant: str, seed: int = 0) -> Path:
+    """A random Geneformer release (HF BertForMaskedLM layout) of the released size."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = VARIANTS[variant]
+    marker = directory / "config.json"
+    if marker.exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    dicts = _dictionaries(variant)
+    for stem, d in dicts.items():
+        with open(directory / f"{stem}_{spec['suffix']}.pkl", "wb") as fh:
+            pickle.dump(d, fh)
+    vocab = len(dicts["token_dictionary"])
+    h, f, p = spec["hidden"], spec["ffn"], spec["positions"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "bert.embeddings.word_embeddings.weight": (vocab, h),
+        "bert.embeddings.position_embeddings.weight": (p, h),
+        "bert.embeddings.token_type_embeddings.weight": (2, h),
+        "bert.embeddings.LayerNorm.weight": (h,),
+        "bert.embeddings.LayerNorm.bias": (h,),
+    }
+    for i in range(spec["layers"]):
+        pre = f"bert.encoder.layer.{i}."
+        for m in ("query", "key", "value"):
+            shapes[f"{pre}attention.self.{m}.weight"] = (h, h)
+            shapes[f"{pre}attention.self.{m}.bias"] = (h,)
+        shapes[f"{pre}attention.output.dense.weight"] = (h, h)
+        shapes[f"{pre}attention.output.dense.bias"] = (h,)
+        shapes[f"{pre}attention.output.LayerNorm.weight"] = (h,)
+        shapes[f"{pre}attention.output.LayerNorm.bias"] = (h,)
+        shapes[f"{pre}intermediate.dense.weight"] = (f, h)
+        shapes[f"{pre}intermediate.dense.bias"] = (f,)
+        shapes[f"{pre}output.dense.weight"] = (h, f)
+        shapes[f"{pre}output.dense.bias"] = (h,)
+        shapes[f"{pre}output.LayerNorm.weight"] = (h,)
+        shapes[f"{pre}output.LayerNorm.bias"] = (h,)
+    shapes.update(
+        {
+            "cls.predictions.bias": (vocab,),
+            "cls.predictions.transform.dense.weight": (h, h),
+            "cls.predictions.transform.dense.bias": (h,),
+            "cls.predictions.transform.LayerNorm.weight": (h,),
+            "cls.predictions.transform.LayerNorm.bias": (h,),
+        }
+    )
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: C.random_tensor(s, k, gen).contiguous() for k, s in shapes.items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["BertForMaskedLM"],
+        "attention_probs_dropout_prob": 0.02,
+        "classifier_dropout": None,
+        "hidden_act": "relu",
+        "hidden_dropout_prob": 0.02,
+        "hidden_size": h,
+        "initializer_range": 0.02,
+        "intermediate_size": f,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": p,
+        "model_type": "bert",
+        "num_attention_heads": spec["heads"],
+        "num_hidden_layers": spec["layers"],
+        "pad_token_id": 0,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+        "transformers_version": "4.46.3",
+        "type_vocab_size": 2,
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+    marker.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def write_data(path: Path, variant: str, n_cells: int, seed: int = 1) -> Path:
+    """Raw counts over 3,000 vocabulary genes; obs n_counts, orig_index; var ensembl_id."""
     import anndata as ad
+    import numpy as np
     import pandas as pd
 
-    from scfm.data import load_geneformer_dictionaries
-
-    dicts = load_geneformer_dictionaries(version="V1")
-    genes = [g for g in dicts.token_dictionary if not g.startswith("<")][:N_GENES]
-    return ad.AnnData(make_counts(n_cells), var=pd.DataFrame(index=genes))
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
-
-
-def forward_flops(lengths: np.ndarray, n_layers: int, padded_to: np.ndarray | None = None) -> float:
-    """Matmul FLOPs of the encoder on the given sequence lengths (padding counted if given)."""
-    n = lengths if padded_to is None else padded_to
-    per_token = 2 * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN)
-    return float(np.sum(n * per_token + 2 * 2 * n.astype(np.float64) ** 2 * HIDDEN) * n_layers)
-
-
-def run_scfm(weights: str, n_cells: int, batch_size: int) -> dict:
-    from scfm.io import load_state_dict_strict
-    from scfm.model import Geneformer
-
-    adata = make_adata(n_cells)
-    Geneformer.setup_anndata(adata)
-    model = Geneformer(adata)  # V1-10M architecture and shipped V1 dictionaries
-    load_state_dict_strict(model.module, torch.load(weights, weights_only=True))
-    peak = matmul_gflops()
-    t = time.perf_counter()
-    z = model.get_latent_representation(batch_size=batch_size, progress_bar=False)
-    dt = time.perf_counter() - t
-    lengths = model.get_tokens()[1]
-    flops = forward_flops(lengths, LAYERS - 1)  # layer -2: the last layer is never computed
-    return {
-        "cells_per_s": n_cells / dt,
-        "seconds": dt,
-        "gflops": flops / dt / 1e9,
-        "matmul_gflops": peak,
-        "maxrss_mb": _maxrss_mb(),
-        "mean_length": float(lengths.mean()),
-        "checksum": float(np.abs(z).sum()),
-    }
-
-
-def _eager_attention(x, mask_add, p, i):
-    b, n, _ = x.shape
-    hd = HIDDEN // HEADS
-
-    def lin(h, name):
-        return torch.nn.functional.linear(
-            h, p[f"bert.encoder.layer.{i}.{name}.weight"], p[f"bert.encoder.layer.{i}.{name}.bias"]
-        )
-
-    q, k, v = (
-        lin(x, f"attention.self.{m}").view(b, n, HEADS, hd).transpose(1, 2)
-        for m in ("query", "key", "value")
+    if path.exists():
+        return path
+    tokens = _dictionaries(variant)["token_dictionary"]
+    genes = [g for g in tokens if not g.startswith("<")][:N_GENES]
+    x = C.synthetic_counts(n_cells, len(genes), N_EXPRESSED, seed=seed)
+    obs = pd.DataFrame(
+        {"n_counts": np.asarray(x.sum(1)).ravel(), "orig_index": np.arange(n_cells)},
+        index=[f"cell{i}" for i in range(n_cells)],
     )
-    scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + mask_add
-    probs = torch.softmax(scores, dim=-1)
-    return (probs @ v).transpose(1, 2).reshape(b, n, HIDDEN)
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame({"ensembl_id": genes}, index=genes))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(path)
+    return path
 
 
-def _ln(x, p, name):
-    return torch.nn.functional.layer_norm(
-        x, (HIDDEN,), p[f"{name}.weight"], p[f"{name}.bias"], 1e-12
-    )
+def token_lengths(data: Path, release: Path, variant: str) -> list[int]:
+    """Tokens per cell (specials included) the model must encode."""
+    import anndata as ad
+    import numpy as np
+
+    spec = VARIANTS[variant]
+    adata = ad.read_h5ad(data)
+    with open(release / f"token_dictionary_{spec['suffix']}.pkl", "rb") as fh:
+        tokens = pickle.load(fh)
+    keep = np.array([g in tokens for g in adata.var_names])
+    nnz = np.asarray((adata.X[:, keep] > 0).sum(1)).ravel()
+    specials = 2 if variant == "V2" else 0
+    return [int(min(n, spec["positions"] - specials) + specials) for n in nnz]
 
 
-def run_baseline(weights: str, n_cells: int, batch_size: int) -> dict:
-    from scfm.model import Geneformer
+# --------------------------------------------------------------------------- workers
+def worker_scfm(args) -> None:
+    import anndata as ad
+    import numpy as np
 
-    adata = make_adata(n_cells)
-    Geneformer.setup_anndata(adata)
-    tok = Geneformer(adata, num_hidden_layers=1)  # tokenizer only: ids computed up front
-    ids, lengths = tok.get_tokens()
-    del tok
-    p = torch.load(weights, weights_only=True)
-    order = np.argsort(-lengths, kind="stable")  # the reference sorts by length, descending
-    peak = matmul_gflops()
-    padded = np.zeros(n_cells, dtype=np.int64)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for s in range(0, n_cells, batch_size):
-            idx = order[s : s + batch_size]
-            n = int(lengths[idx].max())
-            padded[idx] = n
-            x_ids = torch.as_tensor(np.where(ids[idx, :n] < 0, 0, ids[idx, :n]))
-            mask = torch.as_tensor(ids[idx, :n] >= 0)
-            mask_add = (~mask)[:, None, None, :].float() * torch.finfo(torch.float32).min
-            x = p["bert.embeddings.word_embeddings.weight"][x_ids]
-            x = x + p["bert.embeddings.position_embeddings.weight"][:n]
-            x = x + p["bert.embeddings.token_type_embeddings.weight"][0]
-            x = _ln(x, p, "bert.embeddings.LayerNorm")
-            states = [x]
-            for i in range(LAYERS):
-                pre = f"bert.encoder.layer.{i}."
-                a = _eager_attention(x, mask_add, p, i)
-                a = torch.nn.functional.linear(
-                    a,
-                    p[pre + "attention.output.dense.weight"],
-                    p[pre + "attention.output.dense.bias"],
-                )
-                a = _ln(a + x, p, pre + "attention.output.LayerNorm")
-                h = torch.relu(
-                    torch.nn.functional.linear(
-                        a, p[pre + "intermediate.dense.weight"], p[pre + "intermediate.dense.bias"]
-                    )
-                )
-                h = torch.nn.functional.linear(
-                    h, p[pre + "output.dense.weight"], p[pre + "output.dense.bias"]
-                )
-                x = _ln(h + a, p, pre + "output.LayerNorm")
-                states.append(x)
-            emb = states[LAYERS - 1]
-            w = mask.float()[..., None]
-            _ = ((emb * w).sum(1) / w.sum(1)).numpy()
-    dt = time.perf_counter() - t
-    flops = forward_flops(lengths, LAYERS, padded_to=padded)
-    return {
-        "cells_per_s": n_cells / dt,
-        "seconds": dt,
-        "gflops": flops / dt / 1e9,
-        "matmul_gflops": peak,
-        "maxrss_mb": _maxrss_mb(),
-        "mean_length": float(lengths.mean()),
-    }
+    import scfm
+
+    C.set_threads(args.threads)
+    adata = ad.read_h5ad(args.data)
+    scfm.model.Geneformer.setup_anndata(adata)
+    model = scfm.model.Geneformer.from_pretrained(args.release, adata)
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t:
+        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
+    np.save(args.out, np.asarray(z, dtype=np.float32))
+    # the machine may be shared: the higher of the rates before and after the timed call
+    peak = max(peak, C.matmul_peak_gflops())
+    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _cpu_only_cuda() -> None:
+    """Map the reference's hard-coded ``"cuda"`` device strings to the CPU (no file changed)."""
+    import torch
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=200)
-    parser.add_argument("--baseline-cells", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--worker", choices=["scfm", "baseline"])
-    parser.add_argument("--weights")
-    args = parser.parse_args()
-    if args.worker:
-        fn = run_scfm if args.worker == "scfm" else run_baseline
-        print(json.dumps(fn(args.weights, args.cells, args.batch_size)))
+    if torch.cuda.is_available():
         return
 
-    from scfm.nn import BertConfig, BertModel
+    def fix(device):
+        return "cpu" if isinstance(device, str) and device.startswith("cuda") else device
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-        max_position_embeddings=MAX_POS,
-    )
-    bert = BertModel(config)
-    from scfm.nn import BertLMHead
+    tensor, to_t, to_m = torch.tensor, torch.Tensor.to, torch.nn.Module.to
 
-    state = {f"bert.{k}": v for k, v in bert.state_dict().items()}
-    state.update({f"cls.{k}": v for k, v in BertLMHead(config).state_dict().items()})
+    def _tensor(*a, device=None, **k):
+        return tensor(*a, device=fix(device), **k)
+
+    def _to_t(self, *a, **k):
+        return to_t(self, *(fix(x) for x in a), **{n: fix(v) for n, v in k.items()})
+
+    def _to_m(self, *a, **k):
+        return to_m(self, *(fix(x) for x in a), **{n: fix(v) for n, v in k.items()})
+
+    torch.tensor = _tensor
+    torch.Tensor.to = _to_t
+    torch.nn.Module.to = _to_m
+    torch.cuda.empty_cache = lambda: None
+
+
+def worker_reference(args) -> None:
+    import tempfile
+
+    import numpy as np
+
+    C.set_threads(args.threads)
+    sys.path.insert(0, str(Path(args.reference_dir).resolve()))
+    _cpu_only_cuda()
+    import geneformer
+    from geneformer import EmbExtractor, TranscriptomeTokenizer, emb_extractor
+
+    spec = VARIANTS[args.variant]
+    rel = Path(args.release)
+    files = {
+        k: str(rel / f"{k}_{spec['suffix']}.pkl")
+        for k in ("token_dictionary", "gene_median_dictionary", "ensembl_mapping_dict")
+    }
+    # V1 makes the reference read the package's gc30M files (Git LFS pointers in a plain
+    # checkout): point those package attributes at the release's dictionaries.
+    suffix = "_30M" if args.variant == "V1" else ""
+    geneformer.TOKEN_DICTIONARY_FILE_30M = geneformer.TOKEN_DICTIONARY_FILE = files[
+        "token_dictionary"
+    ]
+    setattr(geneformer, f"GENE_MEDIAN_FILE{suffix}", files["gene_median_dictionary"])
+    setattr(geneformer, f"ENSEMBL_MAPPING_FILE{suffix}", files["ensembl_mapping_dict"])
+    peak = C.matmul_peak_gflops()
+    timings = {}
+    get_embs = emb_extractor.get_embs
+
+    def timed_get_embs(*a, **k):
+        with C.Timer() as t:
+            out = get_embs(*a, **k)
+        timings["forward"] = t.seconds
+        return out
+
+    emb_extractor.get_embs = timed_get_embs
     with tempfile.TemporaryDirectory() as tmp:
-        weights = str(Path(tmp) / "weights.pt")
-        torch.save(state, weights)
-        results = {}
-        for worker, n in (("scfm", args.cells), ("baseline", args.baseline_cells)):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    worker,
-                    "--weights",
-                    weights,
-                    "--cells",
-                    str(n),
-                    "--batch-size",
-                    str(args.batch_size),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            results[worker] = json.loads(out.strip().splitlines()[-1])
-    s, b = results["scfm"], results["baseline"]
-    print(
-        f"threads: {torch.get_num_threads()}, batch {args.batch_size}, "
-        f"mean tokens/cell {s['mean_length']:.0f}"
+        data_dir = Path(tmp) / "in"
+        data_dir.mkdir()
+        (data_dir / "cells.h5ad").symlink_to(Path(args.data).resolve())
+        with C.Timer() as t_tok:
+            tk = TranscriptomeTokenizer(
+                {"orig_index": "orig_index"},
+                nproc=1,
+                model_input_size=spec["positions"],
+                special_token=args.variant == "V2",
+                model_version=args.variant,
+                gene_median_file=files["gene_median_dictionary"],
+                token_dictionary_file=files["token_dictionary"],
+                gene_mapping_file=files["ensembl_mapping_dict"],
+            )
+            tk.tokenize_data(str(data_dir), tmp, "tok", file_format="h5ad")
+        with C.Timer() as t_all:
+            embex = EmbExtractor(
+                model_type="Pretrained",
+                num_classes=0,
+                emb_mode="cell" if args.variant == "V1" else "cls",
+                emb_layer=-1,
+                forward_batch_size=REF_BATCH,
+                max_ncells=None,
+                nproc=1,
+                emb_label=["orig_index"],
+                model_version=args.variant,
+                token_dictionary_file=files["token_dictionary"],
+            )
+            df = embex.extract_embs(args.release, f"{tmp}/tok.dataset", tmp, "embs")
+    z = df.sort_values("orig_index").drop(columns=["orig_index"]).to_numpy(np.float32)
+    np.save(args.out, z)
+    C.worker_report(
+        cells=len(z),
+        seconds=timings["forward"],
+        prepare_seconds=t_tok.seconds,
+        total_seconds=t_all.seconds + t_tok.seconds,
+        matmul_gflops=peak,
     )
-    for name, r, n in (
-        ("scfm", s, args.cells),
-        ("baseline (eager, padded)", b, args.baseline_cells),
-    ):
-        print(
-            f"{name:26s} {n:4d} cells  {r['cells_per_s']:6.2f} cells/s  peak RSS "
-            f"{r['maxrss_mb']:7.0f} MB  {r['gflops']:6.1f} GFLOP/s = "
-            f"{100 * r['gflops'] / r['matmul_gflops']:4.1f}% of matmul peak "
-            f"({r['matmul_gflops']:.1f} GFLOP/s)"
-        )
-    print(f"ratio cells/s scfm / baseline: {s['cells_per_s'] / b['cells_per_s']:.2f}x")
-    print(f"ratio peak RSS scfm / baseline: {s['maxrss_mb'] / b['maxrss_mb']:.3f}")
+
+
+def _reference_tokens(adata, release: Path, variant: str) -> list[list[int]]:
+    """The reference tokenisation in numpy: counts / n_counts * 1e4 / median, ranked."""
+    import numpy as np
+
+    spec = VARIANTS[variant]
+    with open(release / f"token_dictionary_{spec['suffix']}.pkl", "rb") as fh:
+        tokens = pickle.load(fh)
+    with open(release / f"gene_median_dictionary_{spec['suffix']}.pkl", "rb") as fh:
+        medians = pickle.load(fh)
+    keep = np.array([g in tokens and g in medians for g in adata.var_names])
+    genes = adata.var_names[keep]
+    ids = np.array([tokens[g] for g in genes])
+    norm = np.array([medians[g] for g in genes])
+    x = adata.X[:, keep].tocsr()
+    total = np.asarray(adata.obs["n_counts"], dtype=np.float64)
+    room = spec["positions"] - (2 if variant == "V2" else 0)
+    out = []
+    for i in range(adata.n_obs):
+        row = x[i]
+        vals = row.data / total[i] * 10_000 / norm[row.indices]
+        order = np.argsort(-vals, kind="stable")[:room]
+        seq = ids[row.indices[order]].tolist()
+        if variant == "V2":
+            seq = [tokens["<cls>"], *seq, tokens["<eos>"]]
+        out.append(seq)
+    return out
+
+
+def worker_mirror(args) -> None:
+    import anndata as ad
+    import numpy as np
+    import torch
+    from transformers import BertForMaskedLM
+
+    C.set_threads(args.threads)
+    adata = ad.read_h5ad(args.data)
+    with C.Timer() as t_tok:
+        seqs = _reference_tokens(adata, Path(args.release), args.variant)
+    model = BertForMaskedLM.from_pretrained(args.release, output_hidden_states=True).eval()
+    layer = model.config.num_hidden_layers - 1  # EmbExtractor emb_layer=-1
+    peak = C.matmul_peak_gflops()
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    z = np.zeros((len(seqs), model.config.hidden_size), dtype=np.float32)
+    with C.Timer() as t, torch.no_grad():
+        for s in range(0, len(order), REF_BATCH):
+            idx = order[s : s + REF_BATCH]
+            n = max(len(seqs[i]) for i in idx)
+            ids = torch.zeros(len(idx), n, dtype=torch.long)
+            mask = torch.zeros(len(idx), n, dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, : len(seqs[i])] = torch.as_tensor(seqs[i])
+                mask[r, : len(seqs[i])] = 1
+            h = model(input_ids=ids, attention_mask=mask).hidden_states[layer]
+            if args.variant == "V2":
+                emb = h[:, 0]
+            else:
+                w = mask[..., None].float()
+                emb = (h * w).sum(1) / w.sum(1)
+            z[idx] = emb.numpy()
+    np.save(args.out, z)
+    C.worker_report(
+        cells=len(seqs), seconds=t.seconds, prepare_seconds=t_tok.seconds, matmul_gflops=peak
+    )
+
+
+# --------------------------------------------------------------------------- driver
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="V1")
+    C.add_cli(parser, "checkout of ctheodoris/Geneformer")
+    args = parser.parse_args(argv)
+    if args.worker:
+        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
+        workers[args.worker](args)
+        return {}
+    n = args.cells or (QUICK_CELLS if args.quick else CELLS)[args.variant]
+    work = C.work_dir(args.work_dir)
+    release = C.build_once(
+        work / f"geneformer-{args.variant}", lambda d: write_release(d, args.variant)
+    )
+    data = C.build_once(
+        work / f"geneformer-{args.variant}-cells{n}.h5ad", lambda p: write_data(p, args.variant, n)
+    )
+    common = ["--variant", args.variant, "--release", str(release), "--data", str(data)]
+    scfm, base, kind, cmp = C.run_sides(__file__, f"geneformer-{args.variant}", args, common)
+    spec = VARIANTS[args.variant]
+    # the default embedding reads layer n-1: the last layer is work the model need not do
+    lengths = token_lengths(data, release, args.variant)
+    flops = C.bert_flops(lengths, spec["hidden"], spec["ffn"], spec["layers"] - 1)
+    extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
+    res = C.summarise(f"geneformer-{args.variant}", scfm, base, kind, flops, extra)
+    C.print_summary(res)
+    C.emit_result(**res)
+    return res
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from scvi import REGISTRY_KEYS
 
 import scfm
-from scfm.datasets import DEMO_ARCHITECTURE
+from scfm.datasets._demo import DEMO_ARCHITECTURE
 
 
 class RecordCells(Callback):

@@ -1,0 +1,339 @@
+"""scCello cell embeddings at release size: scfm vs the reference Trainer.predict (or a mirror).
+
+Writes a randomly initialised release in the released layout (HF directory ``config.json`` +
+``pytorch_model.bin`` with the ``PrototypeContrastiveForMaskedLM`` keys: 6 layers, 256 wide,
+4 heads, FFN 512, 2,048 positions, 25,427 tokens; ``data/`` with the full-size token and
+median dictionaries and the small ontology/label files of the test fixture) and an ``.h5ad``
+of raw counts (~1,900 expressed genes per cell, CELLxGENE obs columns), then runs each side
+in its own process:
+
+* ``scfm``: ``ScCello.from_pretrained(release, adata).get_latent_representation()``.
+* ``reference`` (``--reference-dir`` = a checkout of DeepGraphLearning/scCello; its
+  ``.venv`` or ``--reference-python`` needs transformers 4.4x, datasets, networkx, rdflib):
+  ``ProcessSingleCellData.from_h5ad_adata`` + ``TranscriptomeTokenizer`` (reported as
+  ``baseline_prepare_seconds``), ``PrototypeContrastiveForMaskedLM.from_pretrained(...,
+  output_hidden_states=True)`` and ``Trainer.predict`` with ``DataCollatorForCellClassification``
+  (eval batch 24 as in ``cell_type_classification_bert_clustering.json``, no dataloader
+  workers), embedding = ``predictions[1][:, -1]``. The adapter points the reference's data
+  folder at the release's ``data/`` and maps its hard-coded ``"cuda"`` to the CPU.
+* ``mirror`` (no checkout): the reference tokenisation in numpy and an HF ``BertModel`` with
+  the release weights (the three legacy embedding rows summed into the token-type row), 24
+  padded cells per minibatch, all hidden states kept, last-layer ``<cls>``.
+
+    python benchmarks/sccello_embed.py [--cells 24] [--quick] [--reference-dir PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+LAYERS, HIDDEN, HEADS, FFN, POSITIONS = 6, 256, 4, 512, 2048
+CELLS, QUICK_CELLS = 24, 12
+N_GENES, N_EXPRESSED = 3000, 1900
+REF_BATCH = 24
+FIXTURE = C.BENCH_DIR.parent / "tests" / "data" / "fixtures" / "sccello"
+
+
+def _resource(name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("scfm.data") / "resources" / "geneformer" / name))
+
+
+def write_release(directory: Path, seed: int = 0) -> Path:
+    """A random scCello release of the released size (fixture layout, full vocabulary)."""
+    import numpy as np
+    import torch
+
+    if (directory / "config.json").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(FIXTURE / "checkpoint" / "data", directory / "data", dirs_exist_ok=True)
+    with open(_resource("token_dictionary_gc30M.pkl"), "rb") as fh:
+        v1 = pickle.load(fh)
+    with open(_resource("gene_median_dictionary_gc30M.pkl"), "rb") as fh:
+        medians = pickle.load(fh)
+    with open(_resource("gene_name_id_dict_gc30M.pkl"), "rb") as fh:
+        names = pickle.load(fh)
+    genes = sorted(g for g in v1 if not g.startswith("<"))
+    tokens = {"<pad>": np.int16(0), "<mask>": np.int16(1)}
+    tokens.update({g: np.int16(2 + i) for i, g in enumerate(genes)})
+    vocab_dir = directory / "data" / "token_vocabulary"
+    with open(vocab_dir / "token_dictionary.pkl", "wb") as fh:
+        pickle.dump(tokens, fh)
+    with open(vocab_dir / "gene_median_dictionary.pkl", "wb") as fh:
+        pickle.dump({g: float(medians[g]) for g in genes}, fh)
+    id2name = {v: k for k, v in names.items() if v in tokens}
+    with open(vocab_dir / "vocab_id2name.csv", "w") as fh:
+        fh.write("ensembl_id,gene_name\n")
+        for g in genes:
+            if g in id2name:
+                fh.write(f"{g},{id2name[g]}\n")
+    vocab = len(tokens) + 1  # + <cls>, appended by the reference
+    tiny = torch.load(FIXTURE / "checkpoint" / "pytorch_model.bin", weights_only=True)
+    tiny_cfg = json.loads((FIXTURE / "checkpoint" / "config.json").read_text())
+    dims = {
+        tiny_cfg["hidden_size"]: HIDDEN,
+        tiny_cfg["intermediate_size"]: FFN,
+        tiny_cfg["vocab_size"]: vocab,
+        tiny_cfg["max_position_embeddings"]: POSITIONS,
+    }
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in tiny.items():
+        if ".layer." in key:
+            if ".layer.0." not in key:
+                continue
+            keys = [key.replace(".layer.0.", f".layer.{i}.") for i in range(LAYERS)]
+        else:
+            keys = [key]
+        for k in keys:
+            if not value.is_floating_point() or key in ("ctgraph_sim", "cell_type_ancestor_mask"):
+                if key.endswith("position_ids"):
+                    state[k] = torch.arange(POSITIONS)[None]
+                else:
+                    state[k] = value.clone()
+                continue
+            shape = [
+                dims.get(s, s) if key != "learned_centroid.weight" or j else s
+                for j, s in enumerate(value.shape)
+            ]
+            state[k] = C.random_tensor(shape, k, gen)
+    for head in ("cls", "cell_cls"):  # one bias shared by dense_2 and the predictions
+        state[f"{head}.predictions.dense_2.bias"] = state[f"{head}.predictions.bias"].clone()
+    torch.save(state, directory / "pytorch_model.bin")
+    cfg = dict(
+        tiny_cfg,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        vocab_size=vocab,
+        max_position_embeddings=POSITIONS,
+        num_attention_heads=HEADS,
+        num_hidden_layers=LAYERS,
+        initializer_range=0.02,
+    )
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    return directory
+
+
+def write_data(path: Path, release: Path, n_cells: int, seed: int = 2) -> Path:
+    import anndata as ad
+    import pandas as pd
+
+    if path.exists():
+        return path
+    with open(release / "data" / "token_vocabulary" / "token_dictionary.pkl", "rb") as fh:
+        genes = [g for g in pickle.load(fh) if not g.startswith("<")][:N_GENES]
+    x = C.synthetic_counts(n_cells, len(genes), N_EXPRESSED, seed=seed)
+    row = ad.read_h5ad(FIXTURE / "input.h5ad").obs.iloc[0]
+    obs = pd.DataFrame(
+        {c: [row[c]] * n_cells for c in row.index}, index=[f"cell{i}" for i in range(n_cells)]
+    )
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame({"ensembl_ids": genes}, index=genes))
+    adata.write_h5ad(path)
+    return path
+
+
+def token_lengths(data: Path, release: Path) -> list[int]:
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.read_h5ad(data)
+    with open(release / "data" / "token_vocabulary" / "gene_median_dictionary.pkl", "rb") as fh:
+        medians = pickle.load(fh)
+    keep = np.array([g in medians for g in adata.var_names])
+    nnz = np.asarray((adata.X[:, keep] > 0).sum(1)).ravel()
+    return [int(min(n + 1, POSITIONS)) for n in nnz]
+
+
+# --------------------------------------------------------------------------- workers
+def worker_scfm(args) -> None:
+    import anndata as ad
+    import numpy as np
+
+    import scfm
+
+    C.set_threads(args.threads)
+    adata = ad.read_h5ad(args.data)
+    scfm.model.ScCello.setup_anndata(adata)
+    model = scfm.model.ScCello.from_pretrained(args.release, adata)
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t:
+        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
+    np.save(args.out, np.asarray(z, dtype=np.float32))
+    # the machine may be shared: the higher of the rates before and after the timed call
+    peak = max(peak, C.matmul_peak_gflops())
+    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+
+
+def worker_reference(args) -> None:
+    import tempfile
+    import types
+
+    import anndata as ad
+    import numpy as np
+    from geneformer_embed import _cpu_only_cuda
+
+    C.set_threads(args.threads)
+    import importlib.machinery
+    import importlib.util
+
+    for stub in ("wandb", "ipdb"):  # imported at module level by the reference, never used here
+        if importlib.util.find_spec(stub) is None:
+            module = types.ModuleType(stub)
+            module.__spec__ = importlib.machinery.ModuleSpec(stub, None)
+            sys.modules[stub] = module
+    sys.path.insert(0, str(Path(args.reference_dir).resolve()))
+    _cpu_only_cuda()
+    from sccello.src.utils import data_loading
+
+    data_loading.EXC_DIR = str(Path(args.release).resolve())  # the release's data/ folder
+    from sccello.src.collator.collator_for_classification import DataCollatorForCellClassification
+    from sccello.src.data.data_proc import ProcessSingleCellData
+    from sccello.src.data.tokenizer import TranscriptomeTokenizer
+    from sccello.src.model_prototype_contrastive import PrototypeContrastiveForMaskedLM
+    from transformers import Trainer, TrainingArguments
+
+    adata = ad.read_h5ad(args.data)
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t_tok:
+        ds = ProcessSingleCellData.from_h5ad_adata(
+            adata, "cells", is_cellxgene=True, require_raw=True
+        )
+        ds = TranscriptomeTokenizer(num_proc=1, truncate_length=POSITIONS).tokenize(ds)
+    model = PrototypeContrastiveForMaskedLM.from_pretrained(args.release, output_hidden_states=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp,
+            per_device_eval_batch_size=REF_BATCH,
+            report_to="none",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            use_cpu=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            data_collator=DataCollatorForCellClassification(
+                model_input_name=["input_ids"], pad_to_multiple_of=None
+            ),
+        )
+        with C.Timer() as t:
+            pred = trainer.predict(ds)
+    p = pred.predictions
+    z = np.asarray(p[1] if isinstance(p, tuple) else p)[:, -1, :].astype(np.float32)
+    np.save(args.out, z)
+    C.worker_report(
+        cells=len(z),
+        seconds=t.seconds,
+        prepare_seconds=t_tok.seconds,
+        total_seconds=t.seconds + t_tok.seconds,
+        matmul_gflops=peak,
+    )
+
+
+def worker_mirror(args) -> None:
+    import anndata as ad
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertModel
+
+    C.set_threads(args.threads)
+    rel = Path(args.release)
+    adata = ad.read_h5ad(args.data)
+    with open(rel / "data" / "token_vocabulary" / "token_dictionary.pkl", "rb") as fh:
+        tokens = {k: int(v) for k, v in pickle.load(fh).items()}
+    with open(rel / "data" / "token_vocabulary" / "gene_median_dictionary.pkl", "rb") as fh:
+        medians = pickle.load(fh)
+    cls_id = len(tokens)
+    with C.Timer() as t_tok:
+        keep = np.array([g in medians for g in adata.var_names])
+        genes = adata.var_names[keep]
+        ids = np.array([tokens[g] for g in genes])
+        norm = np.array([medians[g] for g in genes])
+        x = adata.X[:, keep].tocsr()
+        seqs = []
+        for i in range(adata.n_obs):
+            row = x[i]
+            vals = row.data * (10_000 / max(row.data.sum(), 1)) / norm[row.indices]
+            order = np.argsort(-vals, kind="stable")
+            seqs.append([cls_id, *ids[row.indices[order]].tolist()][:POSITIONS])
+    cfg = json.loads((rel / "config.json").read_text())
+    bert = BertModel(
+        BertConfig(
+            **{
+                k: cfg[k]
+                for k in (
+                    "vocab_size",
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "intermediate_size",
+                    "max_position_embeddings",
+                    "hidden_act",
+                    "layer_norm_eps",
+                )
+            },
+            type_vocab_size=1,
+        ),
+        add_pooling_layer=False,
+    ).eval()
+    raw = torch.load(rel / "pytorch_model.bin", weights_only=True)
+    sd = {k[5:]: v for k, v in raw.items() if k.startswith("bert.") and "position_ids" not in k}
+    emb = "embeddings."
+    sd[emb + "token_type_embeddings.weight"] = sum(
+        sd.pop(emb + f"{n}_embeddings.weight") for n in ("tf_class", "tf_superclass", "expbin")
+    )
+    bert.load_state_dict(sd, strict=False)
+    peak = C.matmul_peak_gflops()
+    z = np.zeros((len(seqs), HIDDEN), dtype=np.float32)
+    with C.Timer() as t, torch.no_grad():
+        for s in range(0, len(seqs), REF_BATCH):
+            idx = list(range(s, min(s + REF_BATCH, len(seqs))))
+            n = max(len(seqs[i]) for i in idx)
+            ids_t = torch.zeros(len(idx), n, dtype=torch.long)
+            mask = torch.zeros(len(idx), n, dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids_t[r, : len(seqs[i])] = torch.as_tensor(seqs[i])
+                mask[r, : len(seqs[i])] = 1
+            out = bert(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
+            z[idx] = out.hidden_states[-1][:, 0].numpy()
+    np.save(args.out, z)
+    C.worker_report(
+        cells=len(seqs), seconds=t.seconds, prepare_seconds=t_tok.seconds, matmul_gflops=peak
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_cli(parser, "checkout of DeepGraphLearning/scCello")
+    args = parser.parse_args(argv)
+    if args.worker:
+        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
+        workers[args.worker](args)
+        return {}
+    n = args.cells or (QUICK_CELLS if args.quick else CELLS)
+    work = C.work_dir(args.work_dir)
+    release = C.build_once(work / "sccello", write_release)
+    data = C.build_once(work / f"sccello-cells{n}.h5ad", lambda p: write_data(p, release, n))
+    common = ["--release", str(release), "--data", str(data)]
+    scfm, base, kind, cmp = C.run_sides(__file__, "sccello", args, common)
+    lengths = token_lengths(data, release)
+    flops = C.bert_flops(lengths, HIDDEN, FFN, LAYERS)
+    extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
+    res = C.summarise("sccello", scfm, base, kind, flops, extra)
+    C.print_summary(res)
+    C.emit_result(**res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

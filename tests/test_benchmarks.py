@@ -1,0 +1,143 @@
+"""Smoke tests of the benchmark runner (benchmarks/run.py): protocol, options, output lines.
+
+Cheap: the per-model scripts are replaced by a tiny fake that prints a RESULT line, so no
+model is built here (the real runs take minutes; see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+    import run
+
+    return run, _common
+
+
+def _fake_script(tmp_path: Path, result: dict | None, exit_code: int = 0) -> Path:
+    script = tmp_path / "fake_embed.py"
+    lines = [
+        "import sys",
+        "print('args', sys.argv[1:])",
+        "print('some other output')",
+    ]
+    if result is not None:
+        lines.append(f"print('RESULT ' + {json.dumps(json.dumps(result))})")
+    lines.append(f"sys.exit({exit_code})")
+    # declares the shared options the runner passes on
+    lines.append("# C.add_cli(parser)")
+    script.write_text("\n".join(lines) + "\n")
+    return script
+
+
+def test_parse_result_takes_the_last_line(runner):
+    _, C = runner
+    out = 'x\nRESULT {"model": "a", "scfm_cells_per_s": 1}\nRESULT {"model": "b"}\n'
+    assert C.parse_result(out) == {"model": "b"}
+    assert C.parse_result("no result here") is None
+
+
+def test_line_has_ratio_mem_ratio_pct_peak_and_baseline(runner):
+    run, _ = runner
+    res = {
+        "model": "m",
+        "scfm_cells_per_s": 4.0,
+        "baseline_cells_per_s": 2.0,
+        "scfm_peak_rss": 2**30,
+        "baseline_peak_rss": 2 * 2**30,
+        "gflop_per_s": 75.0,
+        "matmul_peak_gflop_per_s": 150.0,
+        "baseline": "reference",
+        "max_abs_diff": 1e-6,
+        "min_cosine": 1.0,
+    }
+    line = run.line_for("m", res)
+    assert line.startswith("m ratio=2.00 mem_ratio=0.50 pct_peak=50% baseline=reference")
+    assert "max_abs_diff=1.0e-06" in line
+    missing = run.line_for("x", None, "(no benchmarks/x.py)")
+    assert missing.startswith("x ratio=n/a mem_ratio=n/a pct_peak=n/a baseline=missing")
+
+
+def test_runner_runs_scripts_and_reports_missing(runner, tmp_path, monkeypatch, capsys):
+    run, _ = runner
+    good = _fake_script(
+        tmp_path,
+        {
+            "model": "fake",
+            "scfm_cells_per_s": 3.0,
+            "baseline_cells_per_s": 1.5,
+            "scfm_peak_rss": 100,
+            "baseline_peak_rss": 200,
+            "gflop_per_s": 10.0,
+            "matmul_peak_gflop_per_s": 100.0,
+            "baseline": "mirror",
+        },
+    )
+    bad = tmp_path / "broken_embed.py"
+    bad.write_text("import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n")
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    monkeypatch.setattr(
+        run,
+        "MODELS",
+        {
+            "fake": (good.name, ["--variant", "V9"], "fakemodel"),
+            "broken": (bad.name, [], "broken"),
+            "absent": ("absent_embed.py", [], "absent"),
+        },
+    )
+    results = run.main(
+        [
+            "--quick",
+            "--reference-dir",
+            f"fakemodel={tmp_path}",
+            "--json",
+            str(tmp_path / "all.json"),
+        ]
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("fake ratio=2.00 mem_ratio=0.50 pct_peak=10% baseline=mirror")
+    assert out[1].startswith("broken ratio=n/a") and "exit 3: boom" in out[1]
+    assert out[2].startswith("absent ratio=n/a") and "baseline=missing" in out[2]
+    assert [r["name"] for r in results] == ["fake"]
+    assert json.loads((tmp_path / "all.json").read_text())[0]["model"] == "fake"
+    cmd = run.build_command(
+        "fake",
+        run.main.__globals__["argparse"].Namespace(quick=True, work_dir=None, threads=2),
+        {"fakemodel": str(tmp_path)},
+        {},
+    )
+    assert cmd[:2] == [sys.executable, str(tmp_path / good.name)]
+    assert cmd[2:] == [
+        "--variant",
+        "V9",
+        "--quick",
+        "--reference-dir",
+        str(tmp_path),
+        "--threads",
+        "2",
+    ]
+
+
+def test_shared_helpers(runner):
+    _, C = runner
+    import numpy as np
+
+    x = C.synthetic_counts(5, 50, 20, seed=0)
+    assert x.shape == (5, 50) and np.all(np.diff(x.indptr) >= 18)
+    assert np.all(x.data >= 1) and np.all(x.data == np.round(x.data))
+    a = np.random.default_rng(0).normal(size=(4, 3))
+    same = C.compare_embeddings(a, a.copy())
+    assert same["max_abs_diff"] == 0 and same["min_cosine"] == pytest.approx(1)
+    # one layer, one token of width 1 with FFN 1: 2*(4+2) + 4 = 16 FLOPs
+    assert C.bert_flops([1], 1, 1, 1) == 16
+    assert C.peak_rss_bytes() > 0
