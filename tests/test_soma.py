@@ -115,6 +115,7 @@ def test_ddp_training_on_two_cpu_processes(soma_uri, tmp_path, pbmc):
         text=True,
         timeout=900,
         env=env,
+        cwd=tmp_path,  # Lightning writes lightning_logs/ into the working directory
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = set(np.load(tmp_path / "rank0.npy"))

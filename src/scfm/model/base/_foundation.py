@@ -1000,7 +1000,13 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
         info: dict[str, Any] = {"model": type(self).__name__}
         if self._checkpoint_path is not None:
             info["checkpoint"] = self._checkpoint_path
-        info.update({k: v for k, v in options.items() if isinstance(v, str | int | float | bool)})
+        info.update(
+            {
+                k: v
+                for k, v in options.items()
+                if isinstance(v, str | int | float | bool) and k != "progress_bar"
+            }
+        )
         return info
 
     # ------------------------------------------------------------------ training
