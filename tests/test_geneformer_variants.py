@@ -485,3 +485,13 @@ def test_bionemo_config_errors(bionemo, tmp_path):
         Geneformer.from_pretrained(tmp_path / "b.pt", adata, num_attention_heads=3)
     with pytest.raises(CheckpointFormatError, match="hidden_act"):
         Geneformer.from_pretrained(tmp_path / "b.pt", adata, num_attention_heads=2, hidden_act="x")
+
+
+def test_a_weights_file_instead_of_the_folder_says_pass_the_folder():
+    adata = ad.read_h5ad(fixture_dir("geneformer") / "input.h5ad")
+    scfm.model.Geneformer.setup_anndata(adata)
+    with pytest.raises(CheckpointNotFoundError, match="pass the release folder"):
+        scfm.model.Geneformer.from_pretrained(
+            fixture_dir("geneformer") / "checkpoint" / "model.safetensors", adata
+        )
+    assert "scfm" not in adata.uns

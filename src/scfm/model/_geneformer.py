@@ -20,7 +20,7 @@ from scfm.data._geneformer_tokenizer import (
     geneformer_gene_tokens,
 )
 from scfm.data._genes import GeneAlignment
-from scfm.errors import GeneVocabularyError, InvalidInputError
+from scfm.errors import CheckpointNotFoundError, GeneVocabularyError, InvalidInputError
 from scfm.model.base import FoundationModelMixin
 from scfm.module._geneformer import POOLINGS, GeneformerConfig, GeneformerModule
 
@@ -148,6 +148,11 @@ class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass
         """
         from scfm.io._common import load_state_dict_strict
 
+        if path.is_file() and (path.parent / "config.json").is_file():
+            raise CheckpointNotFoundError(
+                f"{path} is one file of a Geneformer release: pass the release folder "
+                f"({path.parent}), which holds config.json, the weights and the dictionaries."
+            )
         if (path / "config.json").is_file():
             from scfm.io._geneformer import classifier_labels, read_geneformer_checkpoint
 
