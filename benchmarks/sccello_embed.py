@@ -17,7 +17,8 @@ in its own process:
   workers), embedding = ``predictions[1][:, -1]``. The adapter points the reference's data
   folder at the release's ``data/`` and maps its hard-coded ``"cuda"`` to the CPU.
 * ``mirror`` (no checkout): the reference tokenisation in numpy and an HF ``BertModel`` with
-  the release weights (the three legacy embedding rows summed into the token-type row), 24
+  eager attention (the reference's attention classes subclass the eager ``BertSelfAttention``)
+  and the release weights (the three legacy embedding rows summed into the token-type row), 24
   padded cells per minibatch, all hidden states kept, last-layer ``<cls>``.
 
     python benchmarks/sccello_embed.py [--cells 24] [--quick] [--reference-dir PATH]
@@ -267,25 +268,25 @@ def worker_mirror(args) -> None:
             order = np.argsort(-vals, kind="stable")
             seqs.append([cls_id, *ids[row.indices[order]].tolist()][:POSITIONS])
     cfg = json.loads((rel / "config.json").read_text())
-    bert = BertModel(
-        BertConfig(
-            **{
-                k: cfg[k]
-                for k in (
-                    "vocab_size",
-                    "hidden_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "intermediate_size",
-                    "max_position_embeddings",
-                    "hidden_act",
-                    "layer_norm_eps",
-                )
-            },
-            type_vocab_size=1,
-        ),
-        add_pooling_layer=False,
-    ).eval()
+    bert_config = BertConfig(
+        **{
+            k: cfg[k]
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "max_position_embeddings",
+                "hidden_act",
+                "layer_norm_eps",
+            )
+        },
+        type_vocab_size=1,
+    )
+    # the reference's attention subclasses BertSelfAttention: eager, scores materialised
+    bert_config._attn_implementation = "eager"
+    bert = BertModel(bert_config, add_pooling_layer=False).eval()
     raw = torch.load(rel / "pytorch_model.bin", weights_only=True)
     sd = {k[5:]: v for k, v in raw.items() if k.startswith("bert.") and "position_ids" not in k}
     emb = "embeddings."
