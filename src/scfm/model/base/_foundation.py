@@ -444,19 +444,21 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
 
     def _setup_query(self, adata: ad.AnnData) -> AnnDataManager:
         """Register a query AnnData that was not set up with the model's own setup."""
-        args = {k: v for k, v in self.setup_args.items() if k in self._setup_arg_names()}
-        absent = [
-            f"adata.obs[{args[a]!r}]"
-            for a in self._query_optional_args
-            if args.get(a) is not None and args[a] not in adata.obs.columns
-        ]
-        for a in self._query_optional_args:
+        return self._setup_like(adata, self.setup_args)
+
+    @classmethod
+    def _setup_like(cls, adata: ad.AnnData, setup_args: dict[str, Any]) -> AnnDataManager:
+        """Set ``adata`` up with ``setup_args``, leaving out optional columns it lacks."""
+        args = {k: v for k, v in setup_args.items() if k in cls._setup_arg_names()}
+        absent = []
+        for a in cls._query_optional_args:
             if args.get(a) is not None and args[a] not in adata.obs.columns:
+                absent.append(f"adata.obs[{args[a]!r}]")
                 args[a] = None
         if absent:
             logger.info("The AnnData has no %s; inference does not need it.", ", ".join(absent))
-        type(self).setup_anndata(adata, **args)
-        return self._get_most_recent_anndata_manager(adata, required=True)
+        cls.setup_anndata(adata, **args)
+        return cls._get_most_recent_anndata_manager(adata, required=True)
 
     @classmethod
     def _setup_arg_names(cls) -> set[str]:

@@ -242,11 +242,7 @@ class SafeSaveMixin:
         adata = cls._registered_modality(adata)
         registry = _decode(attrs["registry"])
         if cls._own_manager(adata) is None:
-            setup = dict(registry.get("setup_args", {}))
-            for arg in cls._query_optional_args:
-                if setup.get(arg) is not None and setup[arg] not in adata.obs.columns:
-                    setup[arg] = None
-            cls.setup_anndata(adata, **setup)
+            cls._setup_like(adata, dict(registry.get("setup_args", {})))
         init = _decode(attrs["init_params"])
         non_kwargs = dict(init.get("non_kwargs", {}))
         extra = {k: v for group in init.get("kwargs", {}).values() for k, v in group.items()}
