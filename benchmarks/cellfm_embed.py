@@ -13,13 +13,23 @@ has MindSpore, e.g. ``<checkout>/.venv``): the embedding path of
 ``TestSCrna``, ``Prepare``, ``build_testdata``) are executed as they are, then the
 ``get_embed`` loop (``Backbone`` loaded with ``ms.load_checkpoint``/``load_param_into_net``,
 batches of 16 padded to 2,048, CLS output), timed from ``Prepare`` to the last batch;
-``TestSCrna`` (normalisation) is reported as ``baseline_prepare_seconds``. Without a checkout
-there is no mirror: ``baseline="none"``.
+``TestSCrna`` (normalisation) is reported as ``baseline_prepare_seconds``.
+
+Mirror (default, ``baseline="mirror"``): the same path rewritten in torch here, operation by
+operation as the reference's ``Backbone`` does it (``tutorials/BatchIntegration/
+finetune_intergration_model.py``, ``retention.py``, ``model.py``): ``read_h5ad``'s depth
+rounding, ``TestSCrna``'s gene intersection and ``normalize_total``/``log1p`` to a dense matrix,
+``Prepare``'s padding of every cell to 2,048 genes (+ CLS), batches of 16, the value encoder on
+every padded position, and per layer the separate q/k/v/u projections, head transposes made
+contiguous (as MindSpore's ``Transpose``), ``relu``/``silu``, the key mask, ``V * 1/sqrt(n)``,
+``Q / sqrt(h)``, ``K / sqrt(h)``, the two batched matmuls, ``SRMSNorm`` (scale, norm, clamp,
+divide), the gate, ``x * alpha + out`` and the post-LayerNorms (eps 1e-7); the whole
+checkpoint (optimizer moments included) is read into memory, as ``ms.load_checkpoint`` does.
 
 ``pct_peak`` counts the FLOPs of the unpadded tokens (CLS + expressed genes): value encoder,
 5 retention projections, the gated FFN and the linear-attention products.
 
-    python benchmarks/cellfm_embed.py [--cells 16] [--quick]
+    python benchmarks/cellfm_embed.py [--cells 16] [--quick] [--reference-dir CHECKOUT]
 """
 
 from __future__ import annotations
@@ -220,8 +230,136 @@ def worker_reference(args) -> None:
     )
 
 
-def _no_baseline(args) -> None:
-    raise SystemExit("CellFM has no mirror here: pass --reference-dir (MindSpore reference).")
+#: ``Config.nonz_len`` of the reference: every cell is padded to this many genes
+PAD_LEN = 2048
+#: ``get_embed``'s batch size
+REF_BATCH = 16
+LN_EPS, LEAKY_SLOPE, SRMS_MIN = 1e-7, 0.2, 1e-12
+
+
+def _mirror_prepare(adata, genes: list[str]):
+    """``read_h5ad``'s depth rounding + ``TestSCrna``: dense log1p matrix and gene ids."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    x = adata.X.astype(np.float32)
+    depth = np.asarray(x.sum(1)).reshape(-1, 1)
+    x = sp.csr_matrix(np.round(x.multiply(1 / np.maximum(1, depth / 1e5)).toarray()))
+    ids = {g: i + 1 for i, g in enumerate(genes)}
+    kept = np.intersect1d(adata.var_names, genes)  # sorted, as the reference
+    col = {g: j for j, g in enumerate(adata.var_names)}
+    x = x[:, [col[g] for g in kept]].toarray()
+    total = x.sum(1, keepdims=True)
+    data = np.log1p(x / np.where(total > 0, total, 1) * 1e4).astype(np.float32)
+    return data, np.array([ids[g] for g in kept], dtype=np.int64)
+
+
+def _mirror_pad(rows, gene):
+    """``Prepare`` + ``build_testdata``: every cell's non-zero genes padded to 2,048 (+ CLS)."""
+    import numpy as np
+
+    n = len(rows)
+    values = np.zeros((n, PAD_LEN), np.float32)
+    gene_ids = np.zeros((n, PAD_LEN), np.int64)
+    zero_idx = np.zeros((n, PAD_LEN + 1), np.float32)
+    for i, row in enumerate(rows):
+        nonz = row.nonzero()[0]
+        if len(nonz) > PAD_LEN:
+            raise SystemExit("the mirror covers cells below the 2,048-gene cap only")
+        values[i, : len(nonz)] = row[nonz]
+        gene_ids[i, : len(nonz)] = gene[nonz]
+        zero_idx[i, : len(nonz) + 1] = 1
+    return values, gene_ids, zero_idx
+
+
+def _mirror_backbone(w: dict, expr, gene, zero_idx):
+    """The reference ``Backbone.construct`` in torch, one operation per MindSpore op."""
+    import torch
+    import torch.nn.functional as F
+
+    b, length = gene.shape
+    gene_emb = w["gene_emb"][gene]
+    # ValueEncoder / FFN on every (padded) position
+    v = F.leaky_relu(expr.reshape(-1, 1) @ w["value_enc.value_enc.w1.weight"].T, LEAKY_SLOPE)
+    v = v @ w["value_enc.value_enc.w3.weight"].T + v * w["value_enc.value_enc.a"]
+    v = torch.softmax(v, -1) @ w["value_enc.value_enc.table.weight"].T
+    expr_emb = v.reshape(b, length, -1)
+    len_scale = torch.rsqrt(zero_idx.sum(-1, keepdim=True) - 1).reshape(b, 1, 1, 1)
+    x = gene_emb + expr_emb
+    x = torch.cat([w["cls_token"].expand(b, 1, -1), x], 1)
+    x = x * zero_idx.reshape(b, -1, 1)
+    mask = zero_idx.reshape(b, 1, -1, 1)
+    alpha = (2 * LAYERS) ** 0.25
+    h = D // HEADS
+    scale = torch.tensor([h**0.5])
+    for i in range(LAYERS):
+        p = f"encoder.{i}."
+
+        def dense(t, name, p=p):
+            return t @ w[p + name + ".weight"].T
+
+        def heads(t):
+            return t.reshape(b, -1, HEADS, h).permute(0, 2, 1, 3).contiguous()
+
+        q, k, vv, u = (heads(dense(x, f"attn.{n}_proj")) for n in "qkvu")
+        q, k, u = torch.relu(q), torch.relu(k), F.silu(u)
+        k = k * mask
+        vv = vv * len_scale
+        q, k = q / scale, k / scale
+        o = q @ (k.transpose(-1, -2) @ vv)
+        o32 = o.float()  # SRMSNorm
+        norm = torch.linalg.vector_norm(o32 * (1 / h**0.5), dim=-1, keepdim=True)
+        o = (o32 / torch.clamp(norm, min=SRMS_MIN)).to(o.dtype)
+        o = o * u
+        o = o.permute(0, 2, 1, 3).contiguous().reshape(b, -1, D)
+        out = dense(o, "attn.o_proj")
+        x = F.layer_norm(
+            x * alpha + out, (D,), w[p + "post_norm1.gamma"], w[p + "post_norm1.beta"], LN_EPS
+        )
+        flat = x.reshape(-1, D)
+        out = dense(dense(flat, "ffn.u_proj") * dense(flat, "ffn.v_proj"), "ffn.o_proj")
+        out = out.reshape(b, -1, D)
+        x = F.layer_norm(
+            x * alpha + out, (D,), w[p + "post_norm2.gamma"], w[p + "post_norm2.beta"], LN_EPS
+        )
+    return x
+
+
+def worker_mirror(args) -> None:
+    """The reference embedding path (``get_embed`` with ``Backbone``), mirrored in torch."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from scfm.io import read_mindspore_checkpoint
+
+    C.set_threads(args.threads)
+    release = Path(args.release)
+    adata = ad.read_h5ad(args.data)
+    genes = pd.read_csv(release / "expand_gene_info.csv", index_col=0).index.tolist()
+    # load_checkpoint reads the whole file (optimizer moments included) into memory
+    w = read_mindspore_checkpoint(release / "CellFM_80M_weight.ckpt", copy=True)
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t_prep:
+        data, gene = _mirror_prepare(adata, genes)
+    z = []
+    # timed like the reference: from Prepare (padding) to the last batch
+    with torch.inference_mode(), C.Timer() as t:
+        for start in range(0, len(data), REF_BATCH):
+            batch = _mirror_pad(data[start : start + REF_BATCH], gene)
+            emb = _mirror_backbone(w, *(torch.from_numpy(a) for a in batch))
+            z.append(emb[:, 0].numpy())
+    z = np.concatenate(z).astype(np.float32)
+    np.save(args.out, z)
+    peak = max(peak, C.matmul_peak_gflops())
+    C.worker_report(
+        cells=len(z),
+        seconds=t.seconds,
+        prepare_seconds=t_prep.seconds,
+        total_seconds=t.seconds + t_prep.seconds,
+        matmul_gflops=peak,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,18 +369,15 @@ def main(argv: list[str] | None = None) -> dict:
     C.add_cli(parser, "checkout of biomed-AI/CellFM (run with a MindSpore interpreter)")
     args = parser.parse_args(argv)
     if args.worker:
-        workers = {"scfm": worker_scfm, "reference": worker_reference}
-        workers.get(args.worker, _no_baseline)(args)
+        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
+        workers[args.worker](args)
         return {}
     n = args.cells or (QUICK_CELLS if args.quick else CELLS)
     work = C.work_dir(args.work_dir)
     release = C.build_once(work / "cellfm", write_release)
     data = C.build_once(work / f"cellfm-cells{n}-g{N_EXPRESSED}.h5ad", lambda p: write_data(p, n))
-    args.skip_baseline = args.skip_baseline or not args.reference_dir
     common = ["--release", str(release), "--data", str(data)]
     scfm, base, kind, cmp = C.run_sides(__file__, "cellfm", args, common)
-    if not args.reference_dir:
-        base, kind = {}, "none"
     x = ad.read_h5ad(data).X
     tokens = float((x > 0).sum()) + n  # + CLS; no cell exceeds the 2,047-gene cap
     extra = {"cells": n, "mean_tokens": tokens / n, **cmp}

@@ -500,3 +500,66 @@ def test_module_input_is_the_model_gene_space(model):
     order = model.module.token_order.numpy()
     names = np.asarray(model.vocabulary)[order]
     assert list(names) == sorted(names)
+
+
+def _reference_retention_layer(layer, x, key_mask):
+    """The MindSpore ``RetentionLayer`` op by op: the 1/sqrt(h) on Q and K, 1/sqrt(n) on V,
+    ``SRMSNorm`` as x / max(||x / sqrt(h)||, 1e-12), padded [B, L, d] tokens."""
+    attn, b, length, d = layer.attn, *x.shape
+    heads, h = attn.num_heads, attn.head_dims
+
+    def split(t):
+        return t.reshape(b, length, heads, h).permute(0, 2, 1, 3)
+
+    q = torch.relu(split(attn.q_proj(x))) / h**0.5
+    k = torch.relu(split(attn.k_proj(x))) * key_mask[:, None, :, None] / h**0.5
+    v = split(attn.v_proj(x)) * torch.rsqrt(key_mask.sum(1))[:, None, None, None]
+    o = q @ (k.transpose(-1, -2) @ v)
+    o = o / torch.linalg.vector_norm(o / h**0.5, dim=-1, keepdim=True).clamp_min(1e-12)
+    o = (o * torch.nn.functional.silu(split(attn.u_proj(x)))).permute(0, 2, 1, 3)
+    x = layer.post_norm1(x * layer.alpha + attn.o_proj(o.reshape(b, length, d)))
+    ffn = layer.ffn
+    return layer.post_norm2(x * layer.alpha + ffn.o_proj(ffn.u_proj(x) * ffn.v_proj(x)))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_packed_retention_matches_the_reference_layer(grad):
+    """Packed sequences (no padding), without the scales that the per-head norm cancels,
+    in place (no autograd) or not, give the reference layer's padded outputs."""
+    from scfm.nn import RetentionLayer
+
+    torch.manual_seed(0)
+    layer = RetentionLayer(64, 4, n_layers=2).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.2)  # LayerNorm weights too: a scale slip cannot hide
+    lengths = [7, 1, 12]
+    x = torch.randn(len(lengths), max(lengths), 64)
+    key_mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).float()
+    with torch.no_grad():
+        expected = _reference_retention_layer(layer, x, key_mask)
+    packed = torch.cat([x[i, :n] for i, n in enumerate(lengths)])
+    with torch.set_grad_enabled(grad):
+        got = layer(packed.clone(), lengths=lengths)
+        padded = layer(x.clone(), key_mask=key_mask)
+    for i, (row, n) in enumerate(zip(got.split(lengths), lengths, strict=True)):
+        torch.testing.assert_close(row, expected[i, :n], atol=2e-6, rtol=0)
+        torch.testing.assert_close(padded[i, :n], expected[i, :n], atol=2e-6, rtol=0)
+    if grad:  # the out-of-place path keeps the autograd graph
+        got.sum().backward()
+        assert layer.attn.q_proj.weight.grad is not None
+
+
+def test_padding_is_never_encoded(model):
+    """Cells are encoded packed: a cell's embedding is the same alone as beside a longer one,
+    and padded token states are zero."""
+    adata = model.adata
+    n = np.asarray((adata.X > 0).sum(1)).ravel()
+    short, long = int(n.argmin()), int(n.argmax())
+    x, depth, seeds = _module_inputs(model, adata, [short, long])
+    with torch.inference_mode():
+        both = model.module.inference(x, depth, seeds)
+        alone = model.module.inference(x[:1], depth[:1], seeds[:1])
+    torch.testing.assert_close(both.cell_embedding[0], alone.cell_embedding[0], atol=1e-6, rtol=0)
+    pad = both.token_genes[0] < 0
+    assert pad.any() and both.token_states[0][pad].abs().max() == 0

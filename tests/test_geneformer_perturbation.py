@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import anndata as ad
 import matplotlib
 import numpy as np
@@ -15,13 +18,14 @@ from conftest import fixture_dir
 from scfm.errors import AnnDataKeyError, InvalidInputError
 from scfm.model import Geneformer
 from scfm.tl import perturb_tokens
-from scfm.tl._perturbation_backends import RankEncoder
+from scfm.tl._perturbation_backends import CellResult, RankEncoder
 from scfm.tl._perturbation_stats import benjamini_hochberg, ranksums_in_pool
 
 matplotlib.use("Agg")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+DATA = Path(__file__).parent / "data"
 STATES = {"state_key": "disease", "start_state": "dcm", "goal_state": "nf", "alt_states": ["hcm"]}
 
 
@@ -137,6 +141,11 @@ def test_symbols_selection_and_obs(loaded, tmp_path):
     picked = adata.uns["sub"]["cells_processed"]
     assert len(picked) == 4 and (adata.obs["disease"].iloc[picked] == "hcm").all()
     assert set(sub["obs_index"]) == set(picked)
+    # another seed: the first 4 of default_rng(1).permutation, then longest first (stable)
+    hcm = np.flatnonzero(adata.obs["disease"] == "hcm")
+    lengths = model.get_tokens(adata, indices=hcm)[1]
+    pick = np.random.default_rng(1).permutation(len(hcm))[:4]
+    np.testing.assert_array_equal(picked, hcm[pick][np.argsort(-lengths[pick], kind="stable")])
 
 
 def test_errors(loaded):
@@ -158,6 +167,67 @@ def test_errors(loaded):
         run(model, adata, hidden_layer=7)
     with pytest.raises(AnnDataKeyError, match="in_silico_perturbation"):
         scfm.tl.perturbation_statistics(adata, "goal_state_shift", "never_ran")
+    for bad in ({"start": 3}, {"start": 5, "end": 5}, "some"):
+        with pytest.raises(InvalidInputError, match="cell_inds_to_perturb"):
+            run(model, adata, cell_inds_to_perturb=bad)
+    with pytest.raises(InvalidInputError, match="beyond"):
+        run(
+            model,
+            adata,
+            filter_data={"disease": "hcm"},
+            cell_inds_to_perturb={"start": 14, "end": 20},
+        )
+
+
+SELECTION = json.loads(
+    (DATA / "geneformer_isp_selection" / "reference_selection.json").read_text()
+)["selections"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in SELECTION if c["max_ncells"] is not None or c["cell_inds_to_perturb"] != "all"],
+    ids=lambda c: f"{c['run']}-{c['max_ncells']}-{c['cell_inds_to_perturb']}",
+)
+def test_cell_selection_is_the_reference_selection(loaded, monkeypatch, case):
+    """max_cells / cell_inds_to_perturb pick the cells the reference picks, in its order.
+
+    Expected: the cells the ORIGINAL reference's ``apply_additional_filters`` selected on the
+    fixture (``datasets`` ``Dataset.shuffle(seed=42)`` = the first ``max_ncells`` of
+    ``np.random.default_rng(42).permutation``, a stable sort by length, then the slice; ties
+    keep the shuffled order). Only the selection is under test, so the forwards are skipped.
+    """
+    model, adata = loaded
+
+    def no_forward(self, original, unit, batch_size, states, gene_shifts):
+        n = len(unit.label)
+        shifts = {s: np.zeros(n, np.float32) for s in states}
+        return CellResult(label=unit.label, cos_sim=np.ones(n, np.float32), shifts=shifts)
+
+    monkeypatch.setattr(RankEncoder, "run", no_forward)
+    path = fixture_dir("geneformer_isp")
+    calls = json.loads((path / "reference_calls.json").read_text())
+    args = calls["isp_runs"][case["run"]]["args"]
+    kwargs = {}
+    if args.get("cell_states_to_model"):
+        embs = np.load(path / "state_embs.npz")
+        kwargs["cell_states_to_model"] = args["cell_states_to_model"]
+        kwargs["state_embeddings"] = {k: embs[k] for k in embs.files}
+    if args.get("anchor_gene"):
+        kwargs["anchor_gene"] = args["anchor_gene"]
+    scfm.tl.in_silico_perturbation(
+        model,
+        adata,
+        args["genes_to_perturb"],
+        args["perturb_type"],
+        filter_data=args.get("filter_data"),
+        max_cells=case["max_ncells"],
+        cell_inds_to_perturb=case["cell_inds_to_perturb"],
+        progress_bar=False,
+        key_added="sel",
+        **kwargs,
+    )
+    np.testing.assert_array_equal(adata.uns["sel"]["cells_processed"], case["cells"])
 
 
 def test_statistics_helpers():

@@ -538,7 +538,8 @@ class CellFMModule(BaseModuleClass):
         ``token_states``, ``token_genes`` (-1 on padding), ``logits`` (with a classifier)
         and ``expression``; ``extra`` holds ``gene_ids``, ``token_mask``, ``target`` (log1p
         values), ``unmask``, ``scored``, ``gw_pred``, ``cw_pred``, ``st_feat``, ``cls``,
-        and ``cluster_logits`` (the annotation head's auxiliary scores).
+        ``gene_emb`` (the tokens' gene rows, when masking or decoding) and
+        ``cluster_logits`` (the annotation head's auxiliary scores).
         """
         target = self.tokenize(x, depth, cell_seed, generator)
         tokens, source_totals = target, target.totals
@@ -562,7 +563,7 @@ class CellFMModule(BaseModuleClass):
         if use_st is None:
             use_st = self.config.st_tokens and (ratio > 0 or decoder is not None)
         st_feat = self.st_features(source_totals, target.totals) if use_st else None
-        states, gene_emb = self._encode(tokens, unmask, st_feat, hidden_layer)
+        states = self._encode(tokens, unmask, st_feat, hidden_layer)
         n_prefix = states.shape[1] - length
         token_mask = tokens.token_mask
         genes = states[:, n_prefix:]
@@ -583,10 +584,12 @@ class CellFMModule(BaseModuleClass):
                 "target": target.values,
                 "unmask": token_mask if unmask is None else unmask,
                 "scored": scored,
-                "gene_emb": gene_emb,
                 "cls": states[:, 0],
             },
         )
+        if mask or decoder is not None:
+            # the gene rows of the tokens feed the cell-wise decoder (not the embeddings)
+            out.extra["gene_emb"] = self.gene_emb[tokens.gene_ids]
         if st_feat is not None:
             out.extra["st_feat"] = st_feat
         if self.classifier is not None:
@@ -594,7 +597,7 @@ class CellFMModule(BaseModuleClass):
                 states[:, 0], genes, token_mask
             )
         if decoder is not None:
-            out.extra.update(self.generative(states[:, 0], genes, gene_emb))
+            out.extra.update(self.generative(states[:, 0], genes, out.extra["gene_emb"]))
             out.expression = self._expression(out, decoder)
         return out
 
@@ -604,34 +607,48 @@ class CellFMModule(BaseModuleClass):
         unmask: torch.Tensor | None,
         st_feat: torch.Tensor | None,
         hidden_layer: int = -1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """States ``[B, P + L, d]`` after layer ``hidden_layer`` and the gene rows ``[B, L, d]``.
+    ) -> torch.Tensor:
+        """States ``[B, P + L, d]`` after layer ``hidden_layer``.
 
         ``P`` prefix tokens: 1 (CLS) or 3 (CLS, S, T) when ``st_feat`` is given.
         """
         gene_ids, token_mask = tokens.gene_ids, tokens.token_mask
-        b = gene_ids.shape[0]
-        gene_emb = self.gene_emb[gene_ids]
-        x = gene_emb + self.value_enc(tokens.values, unmask)
+        b, length = gene_ids.shape
+        real = token_mask.bool()
         prefix = [self.cls_token.expand(b, -1, -1)]
         if st_feat is not None:
             if not self.config.st_tokens:
                 raise ValueError("this CellFM checkpoint has no read-depth (ST) tokens")
-            prefix.append(self.ST_emb + self.ST_enc(st_feat.to(x.dtype)))
-        x = torch.cat([*prefix, x], dim=1)
-        ones = token_mask.new_ones(b, x.shape[1] - gene_ids.shape[1])
-        pad_mask = torch.cat([ones, token_mask], dim=1)
-        # Padded rows start at zero (the reference multiplies them out) and are never keys.
-        x = x * pad_mask[..., None].to(x.dtype)
-        keys_first = pad_mask if unmask is None else torch.cat([ones, unmask * token_mask], 1)
-        # The reference's len_scale 1/sqrt(n) on V; cancelled by the per-head normalisation.
-        value_scale = torch.rsqrt(token_mask.sum(dim=1).clamp_min(1).float())
+            prefix.append(self.ST_emb + self.ST_enc(st_feat.to(self.cls_token.dtype)))
+        prefix = torch.cat(prefix, dim=1)
+        n_prefix = prefix.shape[1]
+        # The encoder runs on the cells' tokens packed one after the other ([prefix, genes]
+        # per cell): no FLOPs on padding, and padded tokens never need masking out as keys.
+        keep = torch.cat([real.new_ones(b, n_prefix), real], dim=1)
+        lengths = keep.sum(dim=1).tolist()
+        row = keep.flatten().cumsum(0).view(b, -1) - 1  # packed row of each kept token
+        unmask_p = None if unmask is None else unmask[real][None]
+        genes = self.value_enc(tokens.values[real][None], unmask_p)[0]
+        rows = self.gene_emb[gene_ids[real]]
+        in_place = not torch.is_grad_enabled() and genes.dtype == rows.dtype
+        genes = genes.add_(rows) if in_place else genes + rows
+        x = genes.new_empty(sum(lengths), genes.shape[1])
+        x[row[:, n_prefix:][real]] = genes
+        x[row[:, :n_prefix].flatten()] = prefix.reshape(-1, x.shape[1]).to(x.dtype)
+        keys_first = None
+        if unmask is not None:
+            # Masked genes are not keys in the first half of the layers (the reference).
+            keys_first = torch.cat([torch.ones_like(prefix[:, :, 0]), unmask * token_mask], 1)
+            keys_first = keys_first[keep].to(x.dtype)
         n_layers = len(self.encoder)
         stop = hidden_layer % (n_layers + 1)
         for i, layer in enumerate(self.encoder[:stop]):
-            mask = keys_first if i < n_layers // 2 else pad_mask
-            x = layer(x, key_mask=mask, value_scale=value_scale)
-        return x, gene_emb
+            mask = keys_first if i < n_layers // 2 else None
+            x = layer(x, key_mask=mask, lengths=lengths)
+        # Back to [B, P + L, d]; padded rows are zero.
+        states = x.new_zeros(b, n_prefix + length, x.shape[1])
+        states[keep] = x
+        return states
 
     def _expression(self, out: ModuleOutput, decoder: str) -> torch.Tensor:
         """Decoded log1p expression of every vocabulary gene ``[B, n_genes]``."""
@@ -680,11 +697,11 @@ class CellFMModule(BaseModuleClass):
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: ModuleOutput
     ) -> dict[str, torch.Tensor]:
-        return {
-            "cls": inference_outputs.extra["cls"],
-            "hidden": inference_outputs.token_states,
-            "gene_emb": inference_outputs.extra["gene_emb"],
-        }
+        extra = inference_outputs.extra
+        gene_emb = extra.get("gene_emb")
+        if gene_emb is None:  # inference leaves it out when nothing is decoded
+            gene_emb = self.gene_emb[extra["gene_ids"]]
+        return {"cls": extra["cls"], "hidden": inference_outputs.token_states, "gene_emb": gene_emb}
 
     def generative(
         self, cls: torch.Tensor, hidden: torch.Tensor, gene_emb: torch.Tensor

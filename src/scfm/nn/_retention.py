@@ -5,15 +5,19 @@ decay or positional terms: with ``Q = relu(x Wq)``, ``K = relu(x Wk)`` the per-h
 ``Q (Kᵀ V)``, computed right to left so that the cost is linear in the number of tokens
 (``h x h`` state per head instead of an ``L x L`` score matrix). Softmax attention kernels
 (``scaled_dot_product_attention``) do not apply to this kernel; padding is handled by zeroing
-the keys of padded tokens.
+the keys of padded tokens, or avoided by passing the sequences packed (``lengths``).
 
 Numerics follow the original MindSpore code: LayerNorm ``eps = 1e-7`` and the per-head
-scale-free RMS normalisation computed in float32.
+scale-free RMS normalisation computed in float32. The reference's ``1/sqrt(h)`` on Q and K and
+its ``1/sqrt(n)`` on V are left out: the per-head normalisation divides every such factor out
+again (up to float rounding, and unless a head's output norm is below 1e-12, where both give
+about zero), so they would only cost passes over the activations.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -41,8 +45,10 @@ def srms_norm(x: torch.Tensor) -> torch.Tensor:
     """
     dtype = x.dtype
     x32 = x.float()
-    norm = torch.linalg.vector_norm(x32 * (1.0 / math.sqrt(x.shape[-1])), dim=-1, keepdim=True)
-    return (x32 / norm.clamp_min(SRMS_NORM_MIN)).to(dtype)
+    # the 1/sqrt(n) on the [..., 1] norms and one reciprocal per row: the same operations
+    # as the in-place version in ``_retain`` (identical numbers for training and inference)
+    norm = torch.linalg.vector_norm(x32, dim=-1, keepdim=True) * (1.0 / math.sqrt(x.shape[-1]))
+    return (x32 * norm.clamp_min(SRMS_NORM_MIN).reciprocal()).to(dtype)
 
 
 class LowRankAdapter(nn.Module):
@@ -116,47 +122,94 @@ class MultiHeadRetention(nn.Module):
             x,
         )
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dims).transpose(1, 2)
-
     def forward(
         self,
         x: torch.Tensor,
         key_mask: torch.Tensor | None = None,
-        value_scale: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Retention of queries ``x`` [B, L, d] onto keys/values ``y`` (default ``x``).
+        """Retention of queries ``x`` onto keys / values ``y`` (default ``x``).
 
         Parameters
         ----------
         x
-            Query tokens ``[B, L1, d]``.
+            Query tokens ``[B, L1, d]``, or with ``lengths`` the tokens of several sequences
+            one after the other ``[T, d]`` (self-retention only).
         key_mask
-            ``[B, L2]`` with 1 for tokens that act as keys, 0 for padded / masked ones.
-        value_scale
-            ``[B]`` factor on the values (the reference's ``1/sqrt(n)``; it only keeps
-            magnitudes bounded, the per-head normalisation cancels it).
+            ``[B, L2]`` (``[T]`` with ``lengths``) with 1 for tokens that act as keys, 0 for
+            padded / masked ones; ``None``: every token is a key.
         y
             Key / value tokens ``[B, L2, d]``; ``None`` for self-retention.
+        lengths
+            Lengths of the packed sequences of ``x`` (they sum to ``T``); each sequence
+            retains only onto itself, and no padded token is computed.
         """
+        if lengths is not None and y is not None:
+            raise ValueError("packed sequences (lengths) support self-retention only")
         y = x if y is None else y
-        scale = 1.0 / math.sqrt(self.head_dims)
-        q = self._heads(torch.relu(self._proj("q", x))) * scale
-        k = self._heads(torch.relu(self._proj("k", y))) * scale
-        v = self._heads(self._proj("v", y))
-        u = self._heads(nn.functional.silu(self._proj("u", x)))
+        # Without autograd the element-wise steps run in place on the projections: fewer
+        # passes over the activations and no fresh [tokens x d] buffers.
+        inplace = not torch.is_grad_enabled()
+        q = _relu(self._proj("q", x), inplace)
+        k = _relu(self._proj("k", y), inplace)
+        v = self._proj("v", y)
+        u = self._proj("u", x)
+        u = nn.functional.silu(u, inplace=inplace)
         if key_mask is not None:
-            k = k * key_mask[:, None, :, None].to(k.dtype)
-        if value_scale is not None:
-            v = v * value_scale[:, None, None, None].to(v.dtype)
-        # Linear attention: the [h x h] state K^T V first, so the cost is O(L h^2) per head.
-        out = q @ (k.transpose(-1, -2) @ v)
-        out = srms_norm(out) * u
-        b, _, n, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, n, -1)
+            mask = key_mask[..., None].to(k.dtype)
+            k = k.mul_(mask) if inplace else k * mask
+        if lengths is None:
+            pairs = [(q[i], k[i], v[i], u[i]) for i in range(x.shape[0])]
+        else:
+            rows = [int(n) for n in lengths]
+            pairs = zip(*(t.split(rows) for t in (q, k, v, u)), strict=True)
+        out = [_retain(*pair, self.num_heads, inplace) for pair in pairs]
+        if inplace:
+            out = u  # _retain wrote each sequence's gated output into its rows of u
+        elif lengths is None:
+            out = torch.stack(out)
+        else:
+            out = torch.cat(out)
         return self._proj("o", out)
+
+
+def _relu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    return x.relu_() if inplace else torch.relu(x)
+
+
+def _retain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    num_heads: int,
+    inplace: bool,
+) -> torch.Tensor:
+    """Gated, normalised retention of one sequence: ``srms_norm(Q (Kᵀ V)) * U`` per head.
+
+    ``q``, ``u``: ``[n1, d]``; ``k``, ``v``: ``[n2, d]`` (views into the projections; the
+    per-head views are strided, so no head transpose is copied). With ``inplace`` the result
+    is written into ``u`` (laid out ``[n1, d]`` as the output projection reads it).
+    """
+    n1, d = q.shape
+    h = d // num_heads
+    # [H, h, n2] @ [H, n2, h]: the h x h state of each head
+    state = torch.bmm(
+        k.view(-1, num_heads, h).permute(1, 2, 0), v.view(-1, num_heads, h).transpose(0, 1)
+    )
+    out = torch.bmm(q.view(n1, num_heads, h).transpose(0, 1), state)  # [H, n1, h]
+    if out.dtype == torch.float32 and inplace:
+        # srms_norm(out) with one pass over out: the 1/sqrt(h) goes onto the [H, n1, 1] norms
+        norm = torch.linalg.vector_norm(out, dim=-1, keepdim=True).mul_(1.0 / math.sqrt(h))
+        out = out.mul_(norm.clamp_min_(SRMS_NORM_MIN).reciprocal_())
+    else:
+        out = srms_norm(out)
+    heads = out.transpose(0, 1)  # [n1, H, h] view
+    if not inplace:
+        return (heads * u.view(n1, num_heads, h)).reshape(n1, d)
+    u.view(n1, num_heads, h).mul_(heads)
+    return u
 
 
 class GatedLinearUnit(nn.Module):
@@ -184,7 +237,8 @@ class GatedLinearUnit(nn.Module):
     _proj = MultiHeadRetention._proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._proj("o", self._proj("u", x) * self._proj("v", x))
+        u, v = self._proj("u", x), self._proj("v", x)
+        return self._proj("o", u.mul_(v) if not torch.is_grad_enabled() else u * v)
 
 
 class RetentionLayer(nn.Module):
@@ -230,12 +284,24 @@ class RetentionLayer(nn.Module):
         self,
         x: torch.Tensor,
         key_mask: torch.Tensor | None = None,
-        value_scale: torch.Tensor | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        out = self.dropout(self.attn(x, key_mask=key_mask, value_scale=value_scale))
-        x = self.post_norm1(x * self.alpha + out)
+        """Tokens ``x`` ``[B, L, d]``, or packed ``[T, d]`` with ``lengths``.
+
+        See :meth:`MultiHeadRetention.forward` for ``key_mask`` and ``lengths``.
+        """
+        out = self.dropout(self.attn(x, key_mask=key_mask, lengths=lengths))
+        x = self.post_norm1(_residual(out, x, self.alpha))
         out = self.dropout(self.ffn(x))
-        return self.post_norm2(x * self.alpha + out)
+        return self.post_norm2(_residual(out, x, self.alpha))
+
+
+def _residual(out: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha x + out`` in one pass (into ``out`` when no gradient is recorded)."""
+    if torch.is_grad_enabled() or out.dtype != torch.result_type(out, x):
+        # (under autocast ``out`` may be bf16 while ``x`` is float32: the sum is float32)
+        return torch.add(out, x, alpha=alpha)
+    return out.add_(x, alpha=alpha)
 
 
 class CrossRetentionLayer(nn.Module):

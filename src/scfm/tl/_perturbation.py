@@ -53,6 +53,9 @@ COUNT_COPIES_PER_CALL = 2048
 RANK_CELLS_PER_TOKENIZE = 64
 #: Cells tokenised per call while scanning lengths and gene presence.
 SCAN_CHUNK = 512
+#: Up to this many cells, a state embedding is the float32 mean of the stacked cell vectors
+#: (the reference's arithmetic); above, a float64 running sum (flat memory).
+STATE_EXACT_CELLS = 50_000
 
 
 def perturb_tokens(
@@ -362,10 +365,15 @@ def _processing_order(
     anchor: int | None,
     max_cells: int | None,
     seed: int,
+    cell_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """The cells to perturb, longest first (ties in ``adata`` order), as the reference.
+    """The cells to perturb in the reference's order (``downsample_and_sort`` and slicing).
 
-    Keeps cells expressing every gene of ``need`` and the anchor, then subsamples.
+    Keeps cells expressing every gene of ``need`` and the anchor. With more than
+    ``max_cells`` of them, keeps the first ``max_cells`` of the permutation
+    ``np.random.default_rng(seed).permutation`` (what ``datasets.Dataset.shuffle(seed)``
+    draws). Then sorts longest first, stably (ties keep the order so far: ``adata`` order, or
+    the permutation's), and finally keeps the positions ``cell_range`` of that order.
     """
     if isinstance(enc, RankEncoder):
         lengths, has_all, has_anchor = _scan_rank(enc, adata, cells, need, anchor)
@@ -374,11 +382,42 @@ def _processing_order(
     keep = has_all & has_anchor
     cells, lengths = cells[keep], lengths[keep]
     if max_cells is not None and len(cells) > max_cells:
-        pick = np.sort(np.random.default_rng(seed).choice(len(cells), max_cells, replace=False))
+        pick = np.random.default_rng(seed).permutation(len(cells))[:max_cells]
         cells, lengths = cells[pick], lengths[pick]
+    cells = cells[np.argsort(-lengths, kind="stable")]
+    if cell_range is not None:
+        start, end = cell_range
+        if start >= len(cells):
+            raise InvalidInputError(
+                f"cell_inds_to_perturb start={start} is beyond the {len(cells)} selected cells."
+            )
+        if end > len(cells):
+            logger.warning(
+                "cell_inds_to_perturb end=%d is beyond the %d selected cells; stopping at the "
+                "last one.",
+                end,
+                len(cells),
+            )
+        cells = cells[start:end]
     if not len(cells):
         logger.warning("No cell is selected for the perturbation (filters, genes, anchor).")
-    return cells[np.argsort(-lengths, kind="stable")]
+    return cells
+
+
+def _cell_range(spec: Mapping[str, int] | str | None) -> tuple[int, int] | None:
+    """``cell_inds_to_perturb`` as ``(start, end)`` (``None`` for all cells)."""
+    if spec is None or (isinstance(spec, str) and spec == "all"):
+        return None
+    if not isinstance(spec, Mapping) or set(spec) != {"start", "end"}:
+        raise InvalidInputError(
+            f'cell_inds_to_perturb must be "all" or {{"start": int, "end": int}}, got {spec!r}.'
+        )
+    start, end = int(spec["start"]), int(spec["end"])
+    if not 0 <= start < end:
+        raise InvalidInputError(
+            f"cell_inds_to_perturb needs 0 <= start < end, got start={start}, end={end}."
+        )
+    return start, end
 
 
 def _state_embeddings(
@@ -392,16 +431,44 @@ def _state_embeddings(
     out = {}
     for name in (states["start_state"], states["goal_state"], *states["alt_states"]):
         cells = np.flatnonzero(labels == name)
-        if isinstance(enc, RankEncoder):  # each cell alone (no padding), chunk by chunk
-            total = None
-            for start in range(0, len(cells), SCAN_CHUNK):
-                for t in enc.tokens(adata, cells[start : start + SCAN_CHUNK]):
-                    v = enc.embed(t)[1].double()
-                    total = v if total is None else total + v
-            out[name] = (total / len(cells)).float()
+        if isinstance(enc, RankEncoder):
+            out[name] = _rank_state_embedding(enc, adata, cells, batch_size)
         else:
             out[name] = torch.as_tensor(enc.embed_cells(cells, batch_size)).float().mean(0)
     return out
+
+
+def _rank_state_embedding(
+    enc: RankEncoder, adata: ad.AnnData, cells: np.ndarray, batch_size: int
+) -> torch.Tensor:
+    """Mean cell vector of ``cells`` with the reference ``EmbExtractor``'s float32 arithmetic.
+
+    As ``get_state_embs(summary_stat="exact_mean")``: cells longest first (stable), padded,
+    attention-masked batches of ``batch_size``, then the float32 mean of the stacked vectors,
+    so that the states, and hence every goal-state shift, equal the reference's bit for bit
+    (its p-values are rank statistics of those shifts: one differing bit can swap two ranks).
+    Above :data:`STATE_EXACT_CELLS` cells the vectors are summed in float64 instead of
+    stacked (memory stays flat; the mean then differs from float32's in the last bits).
+    """
+    lengths = _scan_rank(enc, adata, cells, [], None)[0]
+    cells = cells[np.argsort(-lengths, kind="stable")]
+    stacked = len(cells) <= STATE_EXACT_CELLS
+    vectors: list[torch.Tensor] = []
+    total: torch.Tensor | None = None
+    chunk = batch_size * max(1, RANK_CELLS_PER_TOKENIZE // batch_size)  # whole batches
+    for start in range(0, len(cells), chunk):
+        seqs = enc.tokens(adata, cells[start : start + chunk])
+        for b in range(0, len(seqs), batch_size):
+            v = enc.embed_padded(seqs[b : b + batch_size])
+            if stacked:
+                vectors.append(v)
+            else:
+                s = v.double().sum(0)
+                total = s if total is None else total + s
+    if stacked:
+        return torch.cat(vectors).mean(0)
+    assert total is not None
+    return (total / len(cells)).float()
 
 
 def _gene_symbols(model: Any, adata: ad.AnnData, ids: np.ndarray) -> np.ndarray:
@@ -506,7 +573,8 @@ def in_silico_perturbation(
     pooling: str | None = None,
     overexpress_value: str | float = "max",
     max_cells: int | None = None,
-    seed: int = 0,
+    seed: int = 42,
+    cell_inds_to_perturb: Mapping[str, int] | str = "all",
     batch_size: int | None = None,
     store: str | os.PathLike | None = None,
     key_added: str = "perturbation",
@@ -554,7 +622,9 @@ def in_silico_perturbation(
     state_embeddings
         ``{state: vector}`` positions of the states (the reference's ``state_embs_dict``);
         default: the exact mean cell vector of all cells of each state in ``adata``, computed
-        with the same layer and pooling as the screen.
+        with the same layer and pooling as the screen (rank models: as the reference's
+        ``EmbExtractor.get_state_embs``, in padded batches of ``batch_size`` cells, longest
+        first, averaged in float32, so the states are the reference's bit for bit).
     gene_shifts
         Also measure, for every perturbation, the cosine similarity of each other gene's
         contextual embedding before / after (the reference's ``"*_and_gene"`` modes). Rank
@@ -574,11 +644,21 @@ def in_silico_perturbation(
         highest count among the genes the model reads), a quantile in (0, 1] of the gene's
         nonzero counts in ``adata``, or a count > 1.
     max_cells
-        Perturb a random subset of at most this many selected cells (``seed``).
+        Perturb a random subset of at most this many selected cells, as the reference's
+        ``max_ncells``: when more cells are selected, the first ``max_cells`` of the
+        permutation ``np.random.default_rng(seed).permutation(n_selected)`` (what the
+        reference's ``Dataset.shuffle(seed=42)`` draws), so the same cells as the reference.
     seed
-        Seed of that subset.
+        Seed of that subset (the reference's is fixed at 42).
+    cell_inds_to_perturb
+        ``{"start": i, "end": j}``: perturb only positions ``i`` to ``j - 1`` of the processing
+        order (after the filters, ``max_cells`` and the sort by length), as the reference's
+        ``cell_inds_to_perturb``, e.g. to split a screen over several jobs. ``"all"``: every
+        selected cell. A ``start`` beyond the selected cells raises; an ``end`` beyond them
+        stops at the last one (with a warning).
     batch_size
-        Perturbed copies per forward pass (default: the model's batch size).
+        Perturbed copies per forward pass, and cells per batch of the state embeddings
+        (default: the model's batch size).
     store
         Folder to stream results to: a part file every 256 cells (or 4 million per-gene
         values), so memory stays flat and an interrupted screen resumes where it stopped when
@@ -618,6 +698,7 @@ def in_silico_perturbation(
             'anchor_gene needs genes="all": each gene is then perturbed with the anchor.'
         )
     batch_size = int(batch_size or getattr(model, "_default_batch_size", 16))
+    cell_range = _cell_range(cell_inds_to_perturb)
     enc = make_encoder(
         model,
         adata,
@@ -655,7 +736,9 @@ def in_silico_perturbation(
         mask &= sel
     if states is not None:
         mask &= adata.obs[states["state_key"]].astype(str).to_numpy() == states["start_state"]
-    cells = _processing_order(enc, adata, np.flatnonzero(mask), need, anchor, max_cells, seed)
+    cells = _processing_order(
+        enc, adata, np.flatnonzero(mask), need, anchor, max_cells, seed, cell_range
+    )
     # --- state embeddings
     state_embs: dict[str, torch.Tensor] = {}
     if states is not None:
@@ -680,6 +763,9 @@ def in_silico_perturbation(
         "perturb_type": perturb_type,
         "anchor_gene": anchor_gene,
         "filter_data": {k: list(np.atleast_1d(v)) for k, v in (filter_data or {}).items()},
+        "max_cells": max_cells,
+        "seed": seed if max_cells is not None else None,
+        "cell_inds_to_perturb": None if cell_range is None else list(cell_range),
         "cell_states_to_model": states,
         "gene_shifts": bool(gene_shifts),
         "hidden_layer": hidden_layer,

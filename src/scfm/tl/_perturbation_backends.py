@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from scfm.errors import InvalidInputError
+from scfm.nn._bert import BertEmbeddings
 
 __all__ = ["CountEncoder", "RankEncoder", "Unit", "make_encoder"]
 
@@ -99,6 +100,13 @@ class RankEncoder:
         Gene id of every token id.
     tokens
         ``(adata, cells) -> list of token arrays`` (one per cell, specials included).
+    device
+        Device of the model.
+    hidden_padded
+        ``(ids [B, L], real [B, L]) -> states [B, L, d]`` of the chosen layer for a padded,
+        attention-masked batch (state embeddings, as the reference's ``EmbExtractor``).
+    pad_id
+        Token id written at padded positions.
     """
 
     model: Any
@@ -111,6 +119,8 @@ class RankEncoder:
     names: np.ndarray
     tokens: Callable[[ad.AnnData, np.ndarray], list[np.ndarray]]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    hidden_padded: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    pad_id: int = 0
 
     # -- genes
     def gene_codes(self, genes: Sequence[str]) -> list[int | None]:
@@ -200,9 +210,36 @@ class RankEncoder:
     def _vectors(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return h[:, 0]
-        # Mean over the gene tokens (inserted ones included); V1 sequences hold only genes.
-        w = (~torch.as_tensor(self.special, device=ids.device)[ids]).to(h.dtype)
+        # Mean over the gene tokens (inserted ones included).
+        w = ~torch.as_tensor(self.special, device=ids.device)[ids]
+        if bool(w.all()):  # V1: only genes; torch.mean as the reference, for equal float32 bits
+            return h.mean(1)
+        w = w.to(h.dtype)
         return (h * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+    @torch.inference_mode()
+    def embed_padded(self, seqs: list[np.ndarray]) -> torch.Tensor:
+        """Cell vectors ``[n, d]`` of unperturbed cells, as one padded, masked batch.
+
+        The reference's ``EmbExtractor`` arithmetic (its state embeddings): ``<cls>`` vector,
+        or the mean over the non-padded positions after ``<cls>`` and before ``<eos>``
+        (masked sum divided by the count, its ``mean_nonpadding_embs``).
+        """
+        lens = torch.as_tensor([len(t) for t in seqs], device=self.device)
+        ids = torch.full((len(seqs), int(lens.max())), self.pad_id, dtype=torch.long)
+        for i, t in enumerate(seqs):
+            ids[i, : len(t)] = torch.as_tensor(t)
+        ids = ids.to(self.device)
+        real = torch.arange(ids.shape[1], device=self.device)[None] < lens[:, None]
+        if self.hidden_padded is None:  # no padded path: each cell alone
+            return torch.stack([self.embed(t)[1] for t in seqs])
+        h = self.hidden_padded(ids, real)
+        if self.pooling == "cls":
+            return h[:, 0]
+        c, e = int(self.cls_id is not None), int(self.eos_id is not None)
+        h, n = h[:, c:], lens - c - e
+        keep = torch.arange(h.shape[1], device=self.device)[None] < n[:, None]
+        return h.masked_fill(~keep[..., None], 0.0).sum(1) / n[:, None].float()
 
     @torch.inference_mode()
     def embed(self, t: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +273,8 @@ class RankEncoder:
             gcos = (F.normalize(h, dim=-1) * h_on[orig.clamp(min=0)]).sum(-1)
             if self.pooling == "cls":
                 cos_cell.append(_cos(h[:, 0], h_o[0][None]))
+            elif bool(gene.all()):  # V1 deletion: every position is a gene (torch.mean as ref.)
+                cos_cell.append(gcos.mean(1))
             else:
                 w = gene.to(gcos.dtype)
                 cos_cell.append((gcos * w).sum(1) / w.sum(1))
@@ -503,13 +542,51 @@ def _token_lists(model: Any, adata: ad.AnnData, cells: np.ndarray) -> list[np.nd
     return [np.asarray(r[:n], dtype=np.int64) for r, n in zip(ids, lengths)]
 
 
+def _embedding_output(embeddings: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The BERT embedding output summed in the reference's order (HF ``BertEmbeddings``).
+
+    HF adds word + token type first, then position; float32 addition is not associative, so
+    another order moves the embedding output by an ulp, every layer after it, and the
+    goal-state shifts (differences of cosines ~1e-3) by ~1e-7. The reference's p-values are
+    rank statistics of those shifts, where one ulp can swap two near-equal values (2.8e-3
+    relative p-value error on the fixture); in this order the states are bitwise the
+    reference's. Inference only (dropout is the identity in eval mode).
+    """
+    if type(embeddings) is not BertEmbeddings:
+        return embeddings(ids)  # another layout (scCello adds its own tables): its own order
+    x = embeddings.word_embeddings(ids)
+    if embeddings.token_type_embeddings is not None:
+        x = x + embeddings.token_type_embeddings.weight[0]  # token type 0, as HF
+    x = x + embeddings.position_embeddings.weight[: ids.shape[1]]
+    return x if embeddings.LayerNorm is None else embeddings.LayerNorm(x)
+
+
 def _bert_hidden(module: Any, layer_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``ids -> states`` of ``(embedding output, layer 1, ...)[layer_index]`` of ``module.bert``."""
 
     def hidden(ids: torch.Tensor) -> torch.Tensor:
+        x = _embedding_output(module.bert.embeddings, ids)
         if layer_index == 0:
-            return module.bert.embeddings(ids)
-        return module.bert(ids, num_layers=layer_index).last_hidden_state
+            return x
+        return module.bert(ids, inputs_embeds=x, num_layers=layer_index).last_hidden_state
+
+    return hidden
+
+
+def _bert_hidden_padded(
+    module: Any, layer_index: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(ids, real) -> states`` of that layer for a padded batch, through the masked encoder.
+
+    The padded encoder (not the packed inference path) so that each cell's float32 arithmetic
+    is the reference's padded, attention-masked batch.
+    """
+
+    def hidden(ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        x = _embedding_output(module.bert.embeddings, ids)
+        if layer_index == 0:
+            return x
+        return module.bert.encoder(x, real[:, None, None, :], num_layers=layer_index)[0]
 
     return hidden
 
@@ -547,6 +624,8 @@ def _geneformer_adapter(model: Any, hidden_layer: int | None, pooling: str | Non
     return RankEncoder(
         model=model,
         hidden=_bert_hidden(module, idx),
+        hidden_padded=_bert_hidden_padded(module, idx),
+        pad_id=int(getattr(module.config, "pad_token_id", 0) or 0),
         cls_id=cls_id,
         eos_id=getattr(module, "eos_token_id", None),
         special=module.special_tokens.cpu().numpy().astype(bool),
@@ -569,6 +648,8 @@ def _sccello_adapter(model: Any, hidden_layer: int | None, pooling: str | None) 
     return RankEncoder(
         model=model,
         hidden=_bert_hidden(module, idx),
+        hidden_padded=_bert_hidden_padded(module, idx),
+        pad_id=int(getattr(module.config, "pad_token_id", 0) or 0),
         cls_id=int(module.cls_token_id),
         eos_id=None,
         special=module.special_tokens.cpu().numpy().astype(bool),

@@ -362,7 +362,9 @@ def _aggregate_gene_shifts(entry: Mapping[str, Any], genes: pd.DataFrame) -> pd.
                 "n_detections": len(v),
             }
         )
-    out = pd.concat([pd.DataFrame(rows), _gene_shift_sums(entry, genes)], ignore_index=True)
+    parts = [pd.DataFrame(rows), _gene_shift_sums(entry, genes)]
+    # An empty part (a screen without per-gene values) would only blur the dtypes.
+    out = pd.concat([p for p in parts if len(p)] or parts, ignore_index=True)
     # "" where a gene has no symbol (and for the cell rows): the tables stay h5ad-writable.
     out.insert(1, "perturbed_symbol", out["perturbed"].map(genes["symbol"]).fillna(""))
     out.insert(3, "affected_symbol", out["affected"].map(genes["symbol"]).fillna(""))
