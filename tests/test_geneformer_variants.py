@@ -22,6 +22,7 @@ from conftest import fixture_dir
 from scfm.data._geneformer_tokenizer import bionemo_tokens
 from scfm.errors import CheckpointFormatError, CheckpointKeyError, CheckpointNotFoundError
 from scfm.model import Geneformer
+from scfm.nn import make_key_padding_mask
 
 ATOL = 1e-4
 
@@ -116,6 +117,84 @@ def _reference_tokens(adata, token_dict, median_dict, max_genes):
         order = nz[np.argsort(-vals[nz], kind="stable")][:max_genes]
         out.append(np.array([token_dict[adata.var_names[cols[j]]] for j in order]))
     return out
+
+
+# ---------------------------------------------------------------- packed inference
+
+
+class _Wrapped(torch.nn.Module):
+    """A projection that is no plain ``nn.Linear`` (as a LoRA-adapted one)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_packed_inference_matches_a_per_cell_forward(pre_ln, monkeypatch):
+    """Inference drops the padding (packed tokens, groups of cells, fused Q/K/V); every state of
+    every cell must equal an unpadded float64 forward of that cell alone, padding reads 0."""
+    from scfm.nn import _bert
+
+    torch.manual_seed(0)
+    config = _bert.BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        hidden_act="gelu" if pre_ln else "relu",
+        type_vocab_size=0 if pre_ln else 2,
+        pre_layer_norm=pre_ln,
+        embedding_layer_norm=not pre_ln,
+    )
+    model = _bert.BertModel(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorm weights and biases
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    sd = {f"bert.{k}": v for k, v in model.state_dict().items()}
+    # runs of equal lengths share one attention call; a 1-token cell; groups of ~2 cells
+    lengths = torch.tensor([7, 31, 31, 1, 20, 20, 20, 9])
+    ids = torch.randint(2, 60, (len(lengths), 31))
+    mask = make_key_padding_mask(lengths, 31)
+    ids[~mask] = 0
+    monkeypatch.setattr(_bert, "GROUP_BYTES", 2 * 31 * 4 * 3 * 32)
+    with torch.no_grad():
+        out = model(ids, mask, output_hidden_states=True)
+        early = model(ids, mask, output_hidden_states=True, num_layers=2)
+    padded = model(ids, mask, output_hidden_states=True)  # training path: padded, masked
+    act = "gelu" if pre_ln else "relu"
+    for i, n in enumerate(lengths.tolist()):
+        ref = _reference_hidden_states(sd, ids[i, :n].numpy(), 3, 4, pre_ln, act)
+        for layer in range(4):
+            got = out.hidden_states[layer][i, :n].double().numpy()
+            np.testing.assert_allclose(got, ref[layer], atol=2e-5, err_msg=f"cell {i} {layer}")
+            grad_path = padded.hidden_states[layer][i, :n].detach().numpy()
+            np.testing.assert_allclose(got, grad_path, atol=2e-5)
+        # the pre-LN final LayerNorm belongs to the last layer of the stack only
+        np.testing.assert_allclose(early.last_hidden_state[i, :n].numpy(), ref[2], atol=2e-5)
+    assert len(early.hidden_states) == 3
+    assert torch.equal(out.last_hidden_state, out.hidden_states[-1])
+    for state in out.hidden_states[1:]:
+        assert not state[~mask].any()
+    # an adapted projection is called on its own instead of through the fused weight
+    layer = model.encoder.layer[1].attention.self
+    layer.key = _Wrapped(layer.key)
+    with torch.no_grad():
+        wrapped = model(ids, mask).last_hidden_state
+    np.testing.assert_allclose(
+        wrapped[mask].numpy(), out.last_hidden_state[mask].numpy(), atol=1e-6
+    )
+    # no padding and an empty batch
+    with torch.no_grad():
+        full = model(ids[1:3, :31], None).last_hidden_state
+        empty = model(ids[:0], mask[:0], output_hidden_states=True)
+    np.testing.assert_allclose(full.numpy(), out.last_hidden_state[1:3].numpy(), atol=1e-6)
+    assert empty.last_hidden_state.shape == (0, 31, 32) and len(empty.hidden_states) == 4
 
 
 # ---------------------------------------------------------------- V1 layout

@@ -29,7 +29,7 @@ from scfm.errors import CheckpointFormatError, InvalidInputError
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._bert import (
     _ACTIVATIONS,
-    BertConfig,
+    BertConfigBase,
     BertLMHead,
     BertModel,
     BertPooler,
@@ -63,8 +63,11 @@ _MAX_SIZES = {
 
 
 @dataclass
-class GeneformerConfig:
+class GeneformerConfig(BertConfigBase):
     """Architecture and tokens of a Geneformer release; field names follow HF ``config.json``.
+
+    The encoder fields are those of :class:`~scfm.nn._bert.BertConfigBase`, with the
+    defaults of V1-10M.
 
     Attributes
     ----------
@@ -99,20 +102,8 @@ class GeneformerConfig:
     """
 
     variant: Variant = "V1"
-    vocab_size: int = 25426
-    hidden_size: int = 256
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 4
-    intermediate_size: int = 512
-    hidden_act: str = "relu"
-    hidden_dropout_prob: float = 0.02
-    attention_probs_dropout_prob: float = 0.02
-    layer_norm_eps: float = 1e-12
-    max_position_embeddings: int = 2048
     input_size: int = 2048
     type_vocab_size: int = 2
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
     mask_token_id: int = 1
     cls_token_id: int | None = None
     eos_token_id: int | None = None
@@ -272,26 +263,14 @@ class GeneformerConfig:
                     "different releases, or the config is damaged."
                 )
 
-    def bert_config(self) -> BertConfig:
-        """The :class:`~scfm.nn.BertConfig` of the encoder."""
+    def bert_options(self) -> dict[str, Any]:
+        """Token types and the variant's LayerNorm layout (BioNeMo: pre-LN, no embedding LN)."""
         pre_ln = self.variant == "bionemo"
-        return BertConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            hidden_act=self.hidden_act,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=self.type_vocab_size,
-            layer_norm_eps=self.layer_norm_eps,
-            pad_token_id=self.pad_token_id,
-            initializer_range=self.initializer_range,
-            pre_layer_norm=pre_ln,
-            embedding_layer_norm=not pre_ln,
-        )
+        return {
+            "type_vocab_size": self.type_vocab_size,
+            "pre_layer_norm": pre_ln,
+            "embedding_layer_norm": not pre_ln,
+        }
 
 
 def _is_int(value: Any) -> bool:

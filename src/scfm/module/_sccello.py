@@ -31,6 +31,7 @@ from scfm.errors import CheckpointFormatError, InvalidInputError
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._bert import (
     BertConfig,
+    BertConfigBase,
     BertEmbeddings,
     BertModel,
     get_activation,
@@ -71,8 +72,11 @@ _MAX_PARAMETERS = 20_000_000_000
 
 
 @dataclass
-class ScCelloConfig:
+class ScCelloConfig(BertConfigBase):
     """scCello architecture, parsed from the release's ``config.json`` (HF ``BertConfig`` names).
+
+    The encoder fields are those of :class:`~scfm.nn._bert.BertConfigBase` (with the
+    release's vocabulary size as the default).
 
     Attributes
     ----------
@@ -102,17 +106,6 @@ class ScCelloConfig:
     """
 
     vocab_size: int = 25427
-    hidden_size: int = 256
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 4
-    intermediate_size: int = 512
-    hidden_act: str = "relu"
-    hidden_dropout_prob: float = 0.02
-    attention_probs_dropout_prob: float = 0.02
-    max_position_embeddings: int = 2048
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    initializer_range: float = 0.02
     tau: float = 0.01
     data_branch: str = "frac100"
     position_embedding_type: str = "absolute"
@@ -243,23 +236,9 @@ class ScCelloConfig:
             "intermediate_size, hidden_size",
         )
 
-    def bert_config(self) -> BertConfig:
-        """The encoder's :class:`~scfm.nn.BertConfig` (post-LN, no token types)."""
-        return BertConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            hidden_act=self.hidden_act,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=0,
-            layer_norm_eps=self.layer_norm_eps,
-            pad_token_id=self.pad_token_id,
-            initializer_range=self.initializer_range,
-        )
+    def bert_options(self) -> dict[str, Any]:
+        """Post-LN BERT without token types (scCello feeds no segment ids)."""
+        return {"type_vocab_size": 0}
 
 
 def _is_real(value: object) -> bool:

@@ -14,13 +14,17 @@ In the pre-LN variant, the LayerNorm in front of the attention lives at
 (the layout of Transformer Engine's fused ``LayerNormLinear``); the encoder owns
 ``final_layernorm``.
 
-Attention never materialises the ``n x n`` probabilities: padded keys are excluded with a
-boolean mask passed to SDPA, and callers trim the sequence to the longest cell of a minibatch.
+Attention never materialises the ``n x n`` probabilities. In training, padded keys are excluded
+with a boolean mask passed to SDPA. At inference (no gradient recorded) the padding is dropped
+instead: the real tokens of the minibatch are packed into one ``[tokens, H]`` matrix, every
+per-token step (projections, MLP, LayerNorm) runs on it, attention runs per cell on strided
+views of one fused Q/K/V product, and groups of whole cells go through all layers at a time
+(cells are independent), so no FLOP is spent on padding and no chunk result is copied back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,6 +36,7 @@ from scfm.errors import InvalidInputError
 
 __all__ = [
     "BertConfig",
+    "BertConfigBase",
     "BertEmbeddings",
     "BertEncoder",
     "BertLMHead",
@@ -45,9 +50,12 @@ __all__ = [
     "make_key_padding_mask",
 ]
 
-#: Tokens per chunk at inference: bounds the [tokens, intermediate_size] MLP buffer and the
-#: Q/K/V buffers of attention (processed in groups of whole cells).
-FFN_CHUNK_TOKENS = 8192
+#: Bytes of the largest per-group buffer at inference (the ``[tokens, max(3H, intermediate)]``
+#: Q/K/V or MLP activation): how many tokens of whole cells go through the encoder at once
+#: (at least one cell). 128 MiB: ~10,900 tokens (five ~2,000-gene cells) at V2 width, ~43,700
+#: at width 256. Measured on 2 shared cores: with 2 threads, smaller groups (16-64 MiB) were
+#: 5-30% slower (more, shorter parallel regions); with 1 thread they were 3-7% faster.
+GROUP_BYTES = 128 * 2**20
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -71,8 +79,12 @@ def get_activation(name: str) -> nn.Module:
 
 
 @dataclass
-class BertConfig:
-    """Shapes and options of a BERT encoder; field names follow HF ``BertConfig``.
+class BertConfigBase:
+    """The architecture fields every BERT config shares; field names follow HF ``BertConfig``.
+
+    The release configs (Geneformer, scCello) and :class:`BertConfig` extend it; each release
+    keeps its own validation and loading, and builds its encoder's :class:`BertConfig` with
+    :meth:`bert_config`.
 
     Attributes
     ----------
@@ -94,18 +106,12 @@ class BertConfig:
         Dropout on attention probabilities (training only).
     max_position_embeddings
         Rows of the learned absolute position embedding (maximum sequence length).
-    type_vocab_size
-        Rows of the token-type embedding; ``0`` means no token-type embedding.
     layer_norm_eps
         LayerNorm epsilon.
     pad_token_id
         Id of the padding token (its word embedding row is zero-initialised).
     initializer_range
         Standard deviation of the normal initialisation of weights.
-    pre_layer_norm
-        ``False``: post-LN (HF BERT). ``True``: pre-LN (Megatron / BioNeMo) with a final LN.
-    embedding_layer_norm
-        Whether the embedding output is layer-normalised (HF: yes; Megatron: no).
     """
 
     vocab_size: int = 25426
@@ -117,10 +123,47 @@ class BertConfig:
     hidden_dropout_prob: float = 0.02
     attention_probs_dropout_prob: float = 0.02
     max_position_embeddings: int = 2048
-    type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    def bert_options(self) -> dict[str, Any]:
+        """:class:`BertConfig` fields beyond the shared ones (token types, LayerNorm layout).
+
+        A release config overrides this; the default is HF's post-LN BERT.
+        """
+        return {}
+
+    def bert_config(self) -> BertConfig:
+        """The encoder's :class:`BertConfig`: the shared fields plus :meth:`bert_options`."""
+        shared = {f.name: getattr(self, f.name) for f in fields(BertConfigBase)}
+        return BertConfig(**shared, **self.bert_options())
+
+
+@dataclass
+class BertConfig(BertConfigBase):
+    """Shapes and options of a BERT encoder; field names follow HF ``BertConfig``.
+
+    The shared architecture fields are those of :class:`BertConfigBase`.
+
+    Attributes
+    ----------
+    type_vocab_size
+        Rows of the token-type embedding; ``0`` means no token-type embedding.
+    pre_layer_norm
+        ``False``: post-LN (HF BERT). ``True``: pre-LN (Megatron / BioNeMo) with a final LN.
+    embedding_layer_norm
+        Whether the embedding output is layer-normalised (HF: yes; Megatron: no).
+    extra
+        Keys of an HF ``config.json`` that are no field (kept by :meth:`from_dict`).
+    """
+
+    type_vocab_size: int = 2
     pre_layer_norm: bool = False
     embedding_layer_norm: bool = True
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -145,10 +188,14 @@ class BertConfig:
         """Plain dict of the architecture fields (without :attr:`extra`)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
 
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden_size // self.num_attention_heads
+    def bert_options(self) -> dict[str, Any]:
+        """The fields beyond :class:`BertConfigBase` (so that :meth:`bert_config` copies)."""
+        return {
+            "type_vocab_size": self.type_vocab_size,
+            "pre_layer_norm": self.pre_layer_norm,
+            "embedding_layer_norm": self.embedding_layer_norm,
+            "extra": dict(self.extra),
+        }
 
 
 def make_key_padding_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
@@ -247,28 +294,63 @@ class BertSelfAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        b, n, _ = x.shape
-        if torch.is_grad_enabled() or b * n <= FFN_CHUNK_TOKENS or b == 1:
-            return self._attend(x, attn_mask)
-        # Inference on a large batch: attention is per cell, so process groups of cells and
-        # never hold Q/K/V of the whole batch at once.
-        out = x.new_empty(b, n, self.num_heads * self.head_dim)
-        step = max(1, FFN_CHUNK_TOKENS // n)
-        for s in range(0, b, step):
-            mask = None if attn_mask is None else attn_mask[s : s + step]
-            out[s : s + step] = self._attend(x[s : s + step], mask)
-        return out
-
-    def _attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.training and self.dropout_p > 0:
-            out = _attention_with_dropout(q, k, v, attn_mask, self.dropout_p)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        del q, k, v  # free the projections before the output copy below (inference peak)
+            return _attention_with_dropout(q, k, v, attn_mask, self.dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over a padded batch ``[B, L, H]`` (``attn_mask``: ``[B, 1, 1, L]``)."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        out = self._sdpa(q, k, v, attn_mask)
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+
+    def forward_packed(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """Attention over packed cells: ``x`` ``[T, H]`` holds the cells' tokens one after another.
+
+        Each run of equally long cells is one SDPA call on strided views of the Q/K/V product
+        (no mask, no padding); SDPA's CPU output is laid out ``[B, L, heads, d]``, so merging
+        the heads is a view and the only copy is the write into the packed output.
+        """
+        t = x.shape[0]
+        qkv = self._qkv(x).view(t, 3, self.num_heads, self.head_dim)
+        out = x.new_empty(t, self.num_heads * self.head_dim)
+        start = 0
+        for n, cells in _runs(lengths):
+            stop = start + n * cells
+            if n:
+                q, k, v = qkv[start:stop].view(cells, n, *qkv.shape[1:]).permute(2, 0, 3, 1, 4)
+                att = self._sdpa(q, k, v, None)
+                out[start:stop] = att.transpose(1, 2).reshape(stop - start, -1)
+            start = stop
+        return out
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, 3H]`` (query, key, value): one GEMM of the concatenated weights.
+
+        A wider GEMM runs closer to the matmul peak than three ``H x H`` ones, most at width
+        256. Adapted projections (LoRA wraps them in other modules) are called one by one.
+        """
+        parts = (self.query, self.key, self.value)
+        if all(type(m) is nn.Linear and m.bias is not None for m in parts):
+            weight = torch.cat([m.weight for m in parts])
+            bias = torch.cat([m.bias for m in parts])
+            return F.linear(x, weight, bias)
+        return torch.cat([m(x) for m in parts], dim=-1)
+
+
+def _runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """``(length, count)`` of each run of consecutive equal lengths."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
 
 
 class _ResidualProjection(nn.Module):
@@ -306,6 +388,11 @@ class BertAttention(nn.Module):
         h = x if self.LayerNorm is None else self.LayerNorm(x)
         return self.output(self.self(h, attn_mask), x)
 
+    def forward_packed(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """As :meth:`forward`, on packed cells ``[T, H]`` (see :meth:`BertLayer.forward_packed`)."""
+        h = x if self.LayerNorm is None else self.LayerNorm(x)
+        return self.output(self.self.forward_packed(h, lengths), x)
+
 
 class BertIntermediate(nn.Module):
     """First MLP projection and activation (pre-LN: preceded by the MLP LayerNorm)."""
@@ -320,7 +407,7 @@ class BertIntermediate(nn.Module):
         h = x if self.LayerNorm is None else self.LayerNorm(x)
         h = self.dense(h)
         if isinstance(self.intermediate_act_fn, nn.ReLU) and not torch.is_grad_enabled():
-            return torch.relu_(h)  # inference: no autograd record, save one [B, L, F] buffer
+            return torch.relu_(h)  # inference: no autograd record, save one [tokens, F] buffer
         return self.intermediate_act_fn(h)
 
 
@@ -341,17 +428,17 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """One layer over a padded batch ``[B, L, H]`` (``attn_mask``: ``[B, 1, 1, L]``)."""
         a = self.attention(x, attn_mask)
-        if torch.is_grad_enabled() or a.shape[0] * a.shape[1] <= FFN_CHUNK_TOKENS:
-            return self.output(self.intermediate(a), a)
-        # Inference: the MLP acts per token, so run it over chunks of tokens and never hold
-        # the whole [B, L, intermediate_size] activation (HF's feed-forward chunking).
-        flat = a.reshape(-1, a.shape[-1])
-        out = torch.empty_like(flat)
-        for s in range(0, len(flat), FFN_CHUNK_TOKENS):
-            chunk = flat[s : s + FFN_CHUNK_TOKENS]
-            out[s : s + FFN_CHUNK_TOKENS] = self.output(self.intermediate(chunk), chunk)
-        return out.view_as(a)
+        return self.output(self.intermediate(a), a)
+
+    def forward_packed(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """One layer over packed cells: ``x`` ``[T, H]`` holds cells of ``lengths`` in a row.
+
+        Every per-token step runs on the ``T`` real tokens only; attention stays per cell.
+        """
+        a = self.attention.forward_packed(x, lengths)
+        return self.output(self.intermediate(a), a)
 
 
 class BertEncoder(nn.Module):
@@ -369,17 +456,37 @@ class BertEncoder(nn.Module):
         output_hidden_states: bool = False,
         num_layers: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Run the first ``num_layers`` layers (all by default).
+        """Run the first ``num_layers`` layers (all by default) over a padded batch.
 
         Returns the last computed hidden state and, if requested, the tuple of the input
         followed by every computed layer output (HF ``hidden_states`` convention). In the
         pre-LN variant the output of the LAST layer of the stack is passed through
         ``final_layernorm`` (as Megatron's encoder output); intermediate ones are not.
         """
+        return self._run(x, (attn_mask,), BertLayer.forward, output_hidden_states, num_layers)
+
+    def forward_packed(
+        self,
+        x: torch.Tensor,
+        lengths: Sequence[int],
+        output_hidden_states: bool = False,
+        num_layers: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """As :meth:`forward`, over packed cells ``[T, H]`` of the given ``lengths``."""
+        return self._run(x, (lengths,), BertLayer.forward_packed, output_hidden_states, num_layers)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        args: tuple[Any, ...],
+        step: Callable[..., torch.Tensor],
+        output_hidden_states: bool,
+        num_layers: int | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         n = len(self.layer) if num_layers is None else num_layers
         states = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layer[:n]):
-            x = layer(x, attn_mask)
+            x = step(layer, x, *args)
             if self.final_layernorm is not None and i == len(self.layer) - 1:
                 x = self.final_layernorm(x)
             if states is not None:
@@ -486,14 +593,68 @@ class BertModel(nn.Module):
             Stop after this many layers (saves compute when an inner layer is wanted).
         """
         x = self.embeddings(input_ids, token_type_ids) if inputs_embeds is None else inputs_embeds
-        sdpa_mask = None
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
-            if not bool(attention_mask.all()):
-                # [B, 1, 1, L]: every query attends to the real keys of its own sequence.
-                sdpa_mask = attention_mask[:, None, None, :]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not torch.is_grad_enabled():
+            real = attention_mask if padded else None
+            last, states = self._encode_packed(x, real, output_hidden_states, num_layers)
+            return BertOutputs(last, states, attention_mask)
+        # [B, 1, 1, L]: every query attends to the real keys of its own sequence.
+        sdpa_mask = attention_mask[:, None, None, :] if padded else None
         last, states = self.encoder(x, sdpa_mask, output_hidden_states, num_layers)
         return BertOutputs(last, states, attention_mask)
+
+    def _encode_packed(
+        self,
+        x: torch.Tensor,
+        real: torch.Tensor | None,
+        output_hidden_states: bool,
+        num_layers: int | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Inference: the encoder over the real tokens only, in groups of whole cells.
+
+        Cells are independent, so each group goes through every layer before the next one
+        starts: its buffers stay within :data:`GROUP_BYTES` and layer outputs are written once,
+        into the returned ``[B, L, H]`` tensors. Padded positions (``real`` false) of those
+        hold zeros; ``hidden_states[0]`` is ``x`` itself.
+        """
+        b, n, h = x.shape
+        n_run = len(self.encoder.layer) if num_layers is None else num_layers
+        if n_run == 0:
+            return x, ((x,) if output_hidden_states else None)
+        lengths = [n] * b if real is None else real.sum(1).tolist()
+        # allocated from the first group's states: under autocast they are not x's dtype
+        outs: list[torch.Tensor] = []
+        cfg = self.config
+        token_bytes = x.element_size() * max(3 * cfg.hidden_size, cfg.intermediate_size)
+        start = 0
+        while start < b:
+            stop, tokens = start + 1, lengths[start]
+            while stop < b and (tokens + lengths[stop]) * token_bytes <= GROUP_BYTES:
+                tokens += lengths[stop]
+                stop += 1
+            group = x[start:stop]
+            keep = None if real is None else real[start:stop]
+            # passed without a name here, so the packed input is freed after the first layer
+            last, states = self.encoder.forward_packed(
+                group.reshape(-1, h) if keep is None else group[keep],
+                lengths[start:stop],
+                output_hidden_states,
+                num_layers,
+            )
+            computed = states[1:] if states is not None else (last,)
+            if not outs:
+                outs = [state.new_zeros(b, n, h) for state in computed]
+            for out, state in zip(outs, computed):
+                if keep is None:
+                    out[start:stop] = state.view(stop - start, n, h)
+                else:
+                    out[start:stop][keep] = state
+            start = stop
+        if not outs:  # an empty batch
+            outs = [x.new_zeros(b, n, h) for _ in range(n_run if output_hidden_states else 1)]
+        return outs[-1], ((x, *outs) if output_hidden_states else None)
 
 
 class BertLMHead(nn.Module):
