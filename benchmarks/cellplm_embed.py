@@ -133,7 +133,7 @@ def worker_scfm(args) -> None:
 
     C.set_threads(args.threads)
     adata = ad.read_h5ad(args.data)
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch")  # the reference's sentences
     model = scfm.model.CellPLM.from_pretrained(args.release, adata, prefix=PREFIX)
     peak = C.matmul_peak_gflops()
     with C.Timer() as t:

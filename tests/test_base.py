@@ -594,3 +594,53 @@ def test_non_integer_counts_opt_in(pbmc, checkpoint):
         ToyModel.setup_anndata(soup, allow_non_integer=True)
     model = ToyModel.from_pretrained(checkpoint, soup)
     assert np.isfinite(model.get_latent_representation(progress_bar=False)).all()
+
+
+def test_compact_minibatches_and_table_plans():
+    """Opt-in compact minibatches hold exactly the dense minibatch's non-zero columns (genes
+    renamed, duplicates summed, unknown genes dropped, any row order); a TableRows plan rides
+    as its small table plus each cell's row, and indexes lazily."""
+    from scfm.data._loader import (
+        GENE_COLUMNS_KEY,
+        TABLE_ROW_SUFFIX,
+        CellDataset,
+        GeneSpace,
+        TableRows,
+    )
+
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix(rng.poisson(0.4, (30, 12)).astype(np.float32))
+    x.data[0] = 0.0  # a stored zero
+    adata = ad.AnnData(x, var=pd.DataFrame(index=[f"g{i}" for i in range(12)]))
+    ToyModel.setup_anndata(adata)
+    manager = ToyModel._get_most_recent_anndata_manager(adata, required=True)
+    one_to_one = GeneSpace.from_pairs(np.arange(10), rng.permutation(20)[:10], 12, 20)
+    summed = GeneSpace.from_pairs([0, 1, 2, 3], [4, 4, 7, 1], 12, 8)  # columns 0, 1 -> gene 4
+    plan = {
+        "rank": TableRows(np.arange(40).reshape(2, 20), rng.integers(0, 2, 30)),
+        "id": np.arange(30) * 10,
+    }
+    for space in (one_to_one, summed):
+        assert (space._relabel is None) == (space is summed)
+        cells = np.arange(30)
+        dense = CellDataset(manager, cells, space, plan)
+        compact = CellDataset(manager, cells, space, plan, compact=True)
+        for positions in (np.arange(30), np.array([7, 2, 29, 2])):
+            d, c = dense[positions], compact[positions]
+            full = d[REGISTRY_KEYS.X_KEY].numpy()
+            columns = c[GENE_COLUMNS_KEY].numpy()
+            np.testing.assert_array_equal(c[REGISTRY_KEYS.X_KEY].numpy(), full[:, columns])
+            assert len(set(columns)) == len(columns)
+            others = np.setdiff1d(np.arange(space.n_genes), columns)
+            np.testing.assert_array_equal(full[:, others], 0)  # nothing expressed is left out
+            np.testing.assert_array_equal(d["id"].numpy(), positions * 10)
+            for batch in (d, c):  # the table once, each cell's row number
+                np.testing.assert_array_equal(batch["rank"].numpy(), plan["rank"].table)
+                rows = batch["rank" + TABLE_ROW_SUFFIX].numpy()
+                np.testing.assert_array_equal(rows, plan["rank"].index[positions])
+    # lazy indexing (training reorders plans) and the array it stands for
+    rows = plan["rank"][np.array([4, 0])]
+    assert isinstance(rows, TableRows) and rows.shape == (2, 20)
+    np.testing.assert_array_equal(np.asarray(rows), plan["rank"].table[plan["rank"].index[[4, 0]]])
+    with pytest.raises(ValueError, match="rank"):
+        CellDataset(manager, np.arange(5), one_to_one, plan)

@@ -29,6 +29,8 @@ from scfm.errors import (
 
 ATOL = 1e-4
 VAE, GMVAE = "20231027_85M", "20230926_85M"
+#: What the reference reads: sentences from obs["batch"]; coordinates in obsm["spatial"].
+REFERENCE_KEYS = {"batch_key": "batch", "spatial_key": "spatial"}
 PREFIXES = {VAE: "", GMVAE: "gmvae_"}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,7 +56,7 @@ def expected(fx):
 
 def _adata(fx, **setup):
     adata = ad.read_h5ad(fx / "input.h5ad")
-    scfm.model.CellPLM.setup_anndata(adata, **setup)
+    scfm.model.CellPLM.setup_anndata(adata, **{**REFERENCE_KEYS, **setup})
     return adata
 
 
@@ -98,7 +100,7 @@ def test_vae_embeddings(models, expected, settings):
     assert model.config.latent_mod == "vae"
     z = _z(model)
     _close(z, expected["cell_embeddings"])
-    # obsm["spatial"] is registered by default but the released model ignores coordinates
+    # obsm["spatial"] is registered but the released model ignores coordinates
     assert model.setup_args["spatial_key"] == "spatial"
     _close(z, expected["cell_embeddings_spatial"])
     _close(_z(model, chunk_size=settings["chunk"]), expected["cell_embeddings_chunked"])
@@ -166,12 +168,34 @@ def test_kept_genes_and_embedder_input(models, expected):
     )
     cells = np.arange(adata.n_obs)
     rank = cellplm_gene_rank(alignment, adata.var_names, vocab, np.zeros(adata.n_obs), cells)
-    assert rank.shape == (adata.n_obs, len(vocab)) and rank.strides[0] == 0  # one shared row
-    cols = np.flatnonzero(rank[0])
-    cols = cols[np.argsort(rank[0][cols])]
+    assert rank.shape == (adata.n_obs, len(vocab)) and rank.table.shape == (1, len(vocab))
+    row = rank.table[0]  # one row for all cells: no (cells x genes) array anywhere
+    np.testing.assert_array_equal(np.asarray(rank[cells[:5]]), np.tile(row, (5, 1)))
+    cols = np.flatnonzero(row)
+    cols = cols[np.argsort(row[cols])]
     np.testing.assert_array_equal(cols, expected["kept_gene_vocab_index"])
     x = space.map(adata.X)
     _close(np.log1p(x[:, cols]), expected["x_log1p_dense"], atol=1e-6)
+    # the compact minibatch holds the same counts, only in the expressed columns
+    values, columns = space.map_compact(adata.X)
+    assert len(columns) < len(vocab) and (values != 0).any(axis=0).all()
+    np.testing.assert_array_equal(values, x[:, columns])
+    np.testing.assert_array_equal(x[:, np.setdiff1d(np.arange(len(vocab)), columns)], 0)
+    # the embedder's tokens from a compact minibatch equal those from the dense one
+    table = torch.as_tensor(rank.table)
+    embedder = m[VAE].module.embedder.eval()
+    with torch.no_grad():
+        dense = embedder(torch.as_tensor(x), gene_rank=table)
+        columns = torch.as_tensor(columns)
+        compact = embedder(torch.as_tensor(values), gene_rank=table, gene_columns=columns)
+        # the columns' order does not matter: genes are summed in the AnnData's order
+        perm = torch.as_tensor(np.random.default_rng(0).permutation(len(columns)))
+        shuffled = embedder(
+            torch.as_tensor(values)[:, perm], gene_rank=table, gene_columns=columns[perm]
+        )
+    np.testing.assert_array_equal(compact.numpy(), dense.numpy())
+    np.testing.assert_array_equal(shuffled.numpy(), dense.numpy())
+    _close(compact, expected["h_embed"])
 
 
 def test_sentences(models, expected, settings):
@@ -221,7 +245,7 @@ def test_batch_size_and_deep_cells(models):
     x = deep.X.toarray()
     x[::7] = np.random.default_rng(0).poisson(5.0, size=x[::7].shape) + 1  # every gene expressed
     deep.X = sp.csr_matrix(x)
-    scfm.model.CellPLM.setup_anndata(deep)
+    scfm.model.CellPLM.setup_anndata(deep, **REFERENCE_KEYS)
     for model, kw in ((m[VAE], {}), (m[GMVAE], {"seed": 3})):
         ref = _z(model, deep, **kw)
         for batch_size in (1, 20, 40):
@@ -243,8 +267,8 @@ def test_any_anndata(models):
     query = ad.concat([sub, extra], axis=1)
     query.obs = adata.obs.copy()
     query = query[:, rng.permutation(query.n_vars)].copy()
-    scfm.model.CellPLM.setup_anndata(sub)
-    scfm.model.CellPLM.setup_anndata(query)
+    scfm.model.CellPLM.setup_anndata(sub, batch_key="batch")
+    scfm.model.CellPLM.setup_anndata(query, batch_key="batch")
     for model in m.values():
         _close(_z(model, query), _z(model, sub), atol=1e-5)
         want = _expr(model, sub)
@@ -287,7 +311,7 @@ def test_imputation(fx, expected, settings, prefix):
     np.testing.assert_array_equal(x[:, pos], expected["imputation_truth"])
     x[:, pos] = 0
     adata.X = x
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch")
     model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", adata, prefix=prefix)
     out = scfm.tl.impute(model, progress_bar=False, **kw)
     assert list(out.columns) == [str(g) for g in expected["kept_genes"]]
@@ -458,7 +482,7 @@ def test_config_defaults(fx):
 def test_save_load_roundtrip(models, fx, tmp_path):
     adata, m = models
     other = _adata(fx)[:, ::-1].copy()  # another AnnData: other gene order
-    scfm.model.CellPLM.setup_anndata(other)
+    scfm.model.CellPLM.setup_anndata(other, **REFERENCE_KEYS)
     for prefix, model in m.items():
         z = _z(model, seed=2)
         model.save(tmp_path / prefix, overwrite=True)
@@ -480,28 +504,37 @@ def test_setup_errors(fx, expected):
     bad.obsm["spatial"] = bad.obsm["spatial"].astype(float)
     bad.obsm["spatial"][3, 0] = np.nan
     with pytest.raises(SpatialCoordinateError, match="NaN"):
-        scfm.model.CellPLM.setup_anndata(bad)
+        scfm.model.CellPLM.setup_anndata(bad, spatial_key="spatial")
     bad.obsm["spatial"] = np.array([["a", "b"]] * bad.n_obs)
     with pytest.raises(SpatialCoordinateError, match="numeric"):
-        scfm.model.CellPLM.setup_anndata(bad)
+        scfm.model.CellPLM.setup_anndata(bad, spatial_key="spatial")
+    scfm.model.CellPLM.setup_anndata(bad)  # coordinates not named: never read
     norm = adata.copy()
     norm.X = np.log1p(norm.X.toarray())
     with pytest.raises(CountDataError, match="raw counts"):
         scfm.model.CellPLM.setup_anndata(norm)
     norm.layers["counts"] = adata.X.copy()
     scfm.model.CellPLM.setup_anndata(norm, layer="counts")
-    # defaults: no 'batch' column and no coordinates -> one sentence, nothing registered
+    # defaults read only what is named: obs["batch"] and obsm["spatial"] exist but are not
+    # used, so all cells form one sentence (as without the column)
     plain = ad.AnnData(adata.X.copy(), var=adata.var.copy())
     scfm.model.CellPLM.setup_anndata(plain)
-    model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", plain, prefix=VAE)
+    one = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", plain, prefix=VAE)
+    unnamed = adata.copy()
+    scfm.model.CellPLM.setup_anndata(unnamed)
+    model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", unnamed, prefix=VAE)
     assert model.setup_args["batch_key"] is None and model.setup_args["spatial_key"] is None
-    assert _z(model).shape == expected["cell_embeddings"].shape
+    z = _z(model)
+    np.testing.assert_array_equal(z, _z(one))
+    assert np.abs(z - expected["cell_embeddings"]).max() > 1e-3  # not the per-batch sentences
+    with pytest.raises(InvalidInputError, match="spatial_key"):
+        _z(model, sentence="spatial")
     assert set(adata.obs.columns) == {"batch", "cell_type"}  # the user's AnnData is untouched
 
 
 def test_gene_id_key_with_symbols(fx, expected):
     adata = ad.read_h5ad(fx / "input.h5ad")
     adata.var_names = [f"gene{i}" for i in range(adata.n_vars)]
-    scfm.model.CellPLM.setup_anndata(adata, gene_id_key="ensembl_id")
+    scfm.model.CellPLM.setup_anndata(adata, gene_id_key="ensembl_id", batch_key="batch")
     model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", adata, prefix=VAE)
     _close(_z(model), expected["cell_embeddings"])

@@ -95,7 +95,7 @@ def test_finetune_and_predict():
     adata = scfm.datasets.pbmc68k_reduced_counts()
     rng = np.random.default_rng(0)
     adata.obs["batch"] = rng.integers(0, 12, adata.n_obs).astype(str)  # sentences of ~60 cells
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch")
     model = scfm.model.CellPLM(adata, config={**SMALL, "enc_hid": 32, "post_latent_dim": 16})
     with pytest.raises(InvalidInputError, match="finetune"):
         model.predict(progress_bar=False)
@@ -144,7 +144,7 @@ def test_sinusoidal_2d_table():
 
 def test_spatial_sentences_and_encoding():
     adata = _spatial_counts()
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, spatial_key="spatial")
     model = scfm.model.CellPLM(adata, config=SMALL)
     assert model.gene_alignment.n_matched == adata.n_vars  # its own vocabulary
     # spatial sentences: each tile is attended alone, exactly like embedding it separately
@@ -165,7 +165,7 @@ def test_spatial_sentences_and_encoding():
     # without spatial encoding coordinates do not matter ...
     shuffled = adata.copy()
     shuffled.obsm["spatial"] = shuffled.obsm["spatial"][::-1].copy()
-    scfm.model.CellPLM.setup_anndata(shuffled)
+    scfm.model.CellPLM.setup_anndata(shuffled, spatial_key="spatial")
     np.testing.assert_allclose(
         model.get_latent_representation(shuffled, progress_bar=False), whole, atol=1e-6
     )
@@ -184,7 +184,7 @@ def test_coordinates_are_normalised_alike_in_training_and_inference():
     adata = _spatial_counts()
     x = adata.obsm["spatial"][:, 0]
     adata.obs["batch"] = np.where(x > np.median(x), "a", "b")
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch", spatial_key="spatial")
     model = scfm.model.CellPLM(adata, config=SMALL, spatial_encoding=True)
     key = PLAN_KEYS["coords"]
     cells = np.arange(0, adata.n_obs, 3)
@@ -217,7 +217,7 @@ def test_spatial_encoding_needs_coordinates():
 def test_pretrained_with_spatial_encoding():
     fx = fixture_dir("cellplm")
     adata = ad.read_h5ad(fx / "input.h5ad")
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch", spatial_key="spatial")
     ref = np.load(fx / "expected.npz")["cell_embeddings"]
     model = scfm.model.CellPLM.from_pretrained(
         fx / "checkpoint", adata, prefix=VAE, spatial_encoding=True
@@ -231,7 +231,7 @@ def test_impute_spatial_genes():
     adata = ad.read_h5ad(fx / "input.h5ad")
     # a query panel lacking 40 genes: predict them from the decoder
     panel = adata[:, 40:].copy()
-    scfm.model.CellPLM.setup_anndata(panel)
+    scfm.model.CellPLM.setup_anndata(panel, batch_key="batch", spatial_key="spatial")
     model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", panel, prefix=VAE)
     missing = [g for g in adata.var_names[:40] if g in model.vocabulary]
     out = scfm.tl.impute_spatial(model, panel, missing, progress_bar=False)
@@ -257,7 +257,7 @@ def test_imputation_with_measured_genes_and_finetuning():
     query = (adata.obs["batch"].astype(str) == first).to_numpy()
     adata.X[np.ix_(query, np.arange(12))] = 0  # the query panel lacks the targets
     measured = {first: list(adata.var_names[12:]), second: list(adata.var_names)}
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch")
     model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", adata, prefix=VAE)
     kept = [g for g in adata.var_names if g in model.vocabulary]
     raw = model.get_normalized_expression(
@@ -317,7 +317,7 @@ def test_squidpy_chain():
     import scanpy as sc
 
     adata = _spatial_counts()
-    scfm.model.CellPLM.setup_anndata(adata)
+    scfm.model.CellPLM.setup_anndata(adata, spatial_key="spatial")
     model = scfm.model.CellPLM(adata, config=SMALL)
     model.embed(adata, sentence="spatial", progress_bar=False)
     assert adata.obsm["X_cellplm"].shape == (adata.n_obs, SMALL["post_latent_dim"])

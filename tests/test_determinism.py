@@ -43,7 +43,9 @@ def test_embedding_independent_of_batch_mates(name):
 
 
 def test_cellplm_depends_on_its_sentence_only():
-    model, adata = _model("cellplm", "CellPLM", {})
+    adata = ad.read_h5ad(fixture_dir("cellplm") / "input.h5ad")
+    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch")  # sentences = batch labels
+    model = scfm.model.CellPLM.from_pretrained(fixture_dir("cellplm") / "checkpoint", adata)
     z = model.get_latent_representation(progress_bar=False)
     for batch_size in (1, 7, adata.n_obs):
         again = model.get_latent_representation(batch_size=batch_size, progress_bar=False)

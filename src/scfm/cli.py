@@ -316,8 +316,7 @@ def _parse_options(pairs: Sequence[str] | None, flag: str = "--option") -> dict:
 def _setup_kwargs(cls: type, args: argparse.Namespace) -> dict:
     """The ``setup_anndata`` arguments of the command line, checked against ``cls``.
 
-    Arguments ``cls`` defaults to a column name (CellPLM's ``batch_key="batch"``,
-    ``spatial_key="spatial"``) are passed as ``None`` unless given, so that scfm never uses a
+    Column arguments are passed as given (``None`` when not given), so that scfm never uses a
     column the user did not name.
     """
     import inspect
@@ -355,13 +354,13 @@ def _setup_kwargs(cls: type, args: argparse.Namespace) -> dict:
 
 def _unused_columns(cls: type, path: Path, kwargs: dict) -> list[str]:
     """Notes on columns ``cls`` would use by default but that the user did not name."""
-    import inspect
-
-    accepted = inspect.signature(cls.setup_anndata).parameters
+    # The columns the reference code would read without being told (CellPLM: "batch",
+    # "spatial"); scfm reads only what the user names, so say when one is left unused.
+    reference_keys = getattr(cls, "_reference_keys", {})
     notes = []
     with _h5(path) as f:
         for key, group in (("batch_key", "obs"), ("spatial_key", "obsm")):
-            default = accepted[key].default if key in accepted else None
+            default = reference_keys.get(key)
             if isinstance(default, str) and kwargs.get(key) is None:
                 if default in _keys(f.get(group)):
                     notes.append(

@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from scfm.data._genes import GeneAlignment
+from scfm.data._loader import TableRows
 from scfm.errors import InvalidInputError, SpatialCoordinateError
 
 __all__ = [
-    "GroupRows",
     "batch_labels",
     "cellplm_coordinates",
     "cellplm_gene_rank",
@@ -212,35 +212,6 @@ def cellplm_gumbel_noise(
     return noise
 
 
-class GroupRows:
-    """Per-cell rows of a small table, looked up lazily: ``rows[i] = table[group[i]]``.
-
-    A plan array for per-cell gene masks (``n_cells x n_vocab``) that costs
-    ``n_groups x n_vocab`` memory: the data loader reads only a minibatch's rows.
-
-    Parameters
-    ----------
-    table
-        ``(n_groups, ...)`` array.
-    group
-        ``(n_cells,)`` row of ``table`` of each cell.
-    """
-
-    def __init__(self, table: np.ndarray, group: np.ndarray) -> None:
-        self.table = np.asarray(table)
-        self.group = np.asarray(group, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.group)
-
-    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
-        return self.table[self.group[positions]]
-
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        out = self.table[self.group]
-        return out if dtype is None else out.astype(dtype)
-
-
 def cellplm_gene_rank(
     alignment: GeneAlignment,
     var_names: Sequence[str],
@@ -248,7 +219,7 @@ def cellplm_gene_rank(
     labels: np.ndarray,
     cells: np.ndarray,
     measured_genes: Mapping[str, Sequence[str]] | None = None,
-) -> np.ndarray | GroupRows:
+) -> TableRows:
     """Per cell and model gene: 1 + its AnnData column (negative: unmeasured; 0: absent).
 
     The model's gene space loses the AnnData's column order, yet the reference sums a cell's
@@ -271,8 +242,9 @@ def cellplm_gene_rank(
 
     Returns
     -------
-    ``(len(cells), len(vocabulary))`` int32 rows: a read-only broadcast of one row, or a
-    :class:`GroupRows` lookup (one row per label).
+    ``(len(cells), len(vocabulary))`` int32 rows as a :class:`~scfm.data._loader.TableRows`:
+    one row per label whose genes differ (one row in all when every cell measured every
+    gene), so neither the plan nor a minibatch holds a row per cell.
     """
     var_index, vocab_index = alignment.var_index, alignment.vocab_index
     n_vars, n_vocab = len(var_names), len(vocabulary)
@@ -280,7 +252,7 @@ def cellplm_gene_rank(
     np.minimum.at(rank, np.asarray(vocab_index), np.asarray(var_index, dtype=np.int32) + 1)
     rank[rank > n_vars] = 0
     if not measured_genes:
-        return np.broadcast_to(rank, (len(cells), n_vocab))  # one row, no copies
+        return TableRows(rank[None], np.zeros(len(cells), dtype=np.int64))
     labels = np.asarray(labels).astype(str)
     unknown = sorted(set(map(str, measured_genes)) - set(labels))
     if unknown:
@@ -297,4 +269,4 @@ def cellplm_gene_rank(
         keep[np.asarray(vocab_index)[np.isin(pair_var, names) | np.isin(pair_vocab, names)]] = True
         table.append(np.where(keep, rank, -rank))  # unmeasured: negative, order kept
         group[labels[cells] == str(label)] = i
-    return GroupRows(np.stack(table), group)
+    return TableRows(np.stack(table), group)

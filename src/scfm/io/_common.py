@@ -260,14 +260,23 @@ class Release:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+#: Elements checked at a time by :func:`check_finite_state_dict`: ``isfinite`` allocates a
+#: temporary of the tensor's size, ~117 MB for a 19,374 x 1,024 gene embedding at once.
+_FINITE_CHECK_ELEMENTS = 1 << 20
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    flat = tensor.reshape(-1)
+    step = _FINITE_CHECK_ELEMENTS
+    return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
+
+
 def check_finite_state_dict(state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
     """Raise :class:`CheckpointFormatError` naming every floating tensor holding NaN or inf."""
     bad = [
         name
         for name, tensor in state_dict.items()
-        if torch.is_tensor(tensor)
-        and tensor.is_floating_point()
-        and not bool(torch.isfinite(tensor).all())
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not _all_finite(tensor)
     ]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anndata as ad
 import numpy as np
@@ -24,21 +25,23 @@ from scfm.data._cellplm_sentences import (
     spatial_tiles,
 )
 from scfm.data._genes import GeneAlignment, align_genes, strip_version
-from scfm.data._loader import GeneSpace
+from scfm.data._loader import CellDataset, GeneSpace, make_loader
 from scfm.data._validation import check_spatial
-from scfm.errors import InvalidInputError
+from scfm.errors import CheckpointFormatError, InvalidInputError
 from scfm.io._common import load_state_dict_strict
 from scfm.model.base import FoundationModelMixin, scfm_dsp
 from scfm.module._cellplm import PLAN_KEYS, CellPLMConfig, CellPLMModule
-from scfm.nn._spatial_encoding import normalize_coordinates
+from scfm.nn._spatial_encoding import Sinusoidal2dPE, normalize_coordinates
+
+if TYPE_CHECKING:
+    from scvi.data import AnnDataManager
+
+    from scfm.model.base._foundation import _Call
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellPLM"]
 
-#: Default ``batch_key`` / ``spatial_key``: the reference reads ``obs["batch"]`` for sentences.
-DEFAULT_BATCH_KEY = "batch"
-DEFAULT_SPATIAL_KEY = "spatial"
 #: Gradient-norm clip of the reference training pipelines.
 GRAD_CLIP = 2.0
 #: Options of each task (see :meth:`CellPLM._options`); every task takes the sentence options.
@@ -60,7 +63,8 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     of a *sentence* attend to each other through a Flowformer encoder, so a cell's embedding
     depends on the other cells of its sentence (not on ``batch_size``: minibatches hold whole
     sentences). As in the reference, a sentence is all selected cells of one ``batch_key``
-    label, in AnnData order.
+    label, in AnnData order (the reference reads ``obs["batch"]``: pass ``batch_key="batch"``
+    for its sentences).
 
     Options of the calls over cells (``get_latent_representation``, ``embed``,
     ``get_normalized_expression``, ``train``):
@@ -100,7 +104,7 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     Examples
     --------
-    >>> scfm.model.CellPLM.setup_anndata(adata)  # raw counts, obs["batch"] = sample / FOV
+    >>> scfm.model.CellPLM.setup_anndata(adata, batch_key="batch")  # one sentence per sample
     >>> model = scfm.model.CellPLM.from_pretrained("ckpt", adata, prefix="20231027_85M")
     >>> model.embed(adata)  # -> adata.obsm["X_cellplm"]
     """
@@ -109,6 +113,10 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     #: Most cells per forward pass; whole sentences are packed up to this size.
     _default_batch_size: ClassVar[int] = 4096
     _has_decoder: ClassVar[bool] = True
+    #: Columns the reference reads without being told (``obs["batch"]`` for sentences,
+    #: ``obsm["spatial"]``); scfm reads only what ``setup_anndata`` names, and the CLI notes
+    #: these when an input has them but they were not named.
+    _reference_keys: ClassVar[dict[str, str]] = {"batch_key": "batch", "spatial_key": "spatial"}
 
     def __init__(
         self,
@@ -136,10 +144,10 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         cls,
         adata: ad.AnnData,
         layer: str | None = None,
-        batch_key: str | None = DEFAULT_BATCH_KEY,
+        batch_key: str | None = None,
         labels_key: str | None = None,
         gene_id_key: str | None = None,
-        spatial_key: str | None = DEFAULT_SPATIAL_KEY,
+        spatial_key: str | None = None,
         allow_non_integer: bool = False,
         check_gene_overlap: bool = True,
         **kwargs: Any,
@@ -153,26 +161,21 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         %(param_layer)s
         batch_key
             ``adata.obs`` column whose labels define the sentences (sample, or field of view
-            for spatial data). The default ``"batch"`` is the column the reference reads; if
-            it does not exist all cells form one sentence. ``None``: one sentence.
+            for spatial data); the reference reads ``"batch"``. ``None``: all cells form one
+            sentence (no column is read unless named).
         %(param_labels_key)s
         %(param_gene_id_key)s
         spatial_key
             ``adata.obsm`` key of ``(n_cells, 2)`` coordinates, read for
-            ``sentence="spatial"`` and ``spatial_encoding``. The default ``"spatial"`` is
-            used when present; an explicit other key must exist.
+            ``sentence="spatial"`` and ``spatial_encoding`` (e.g. ``"spatial"``); it must
+            exist. ``None``: no coordinates.
         %(param_allow_non_integer)s
         %(param_check_gene_overlap)s
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
-        if batch_key == DEFAULT_BATCH_KEY and batch_key not in adata.obs.columns:
-            logger.info("adata.obs has no 'batch' column: all cells form one CellPLM sentence.")
-            batch_key = None
-        if spatial_key is not None and not check_spatial(
-            adata, spatial_key, required=spatial_key != DEFAULT_SPATIAL_KEY
-        ):
-            spatial_key = None
+        if spatial_key is not None:
+            check_spatial(adata, spatial_key, required=True)
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._register_anndata(
             adata,
@@ -185,6 +188,19 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             check_gene_overlap=check_gene_overlap,
             **kwargs,
         )
+
+    @classmethod
+    def _setup_like(cls, adata: ad.AnnData, setup_args: dict[str, Any]) -> AnnDataManager:
+        """Set up a query like the model's AnnData; coordinates it lacks are left out.
+
+        Only ``sentence="spatial"`` and ``spatial_encoding`` read them, and those then ask for
+        a ``spatial_key``.
+        """
+        key = setup_args.get("spatial_key")
+        if key is not None and key not in adata.obsm:
+            logger.info("The AnnData has no adata.obsm[%r]; inference does not need it.", key)
+            setup_args = {**setup_args, "spatial_key": None}
+        return super()._setup_like(adata, setup_args)
 
     @classmethod
     def _from_pretrained(
@@ -207,10 +223,33 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         genes = release.vocabulary
         config = CellPLMConfig.from_dict({"out_dim": len(genes), **release.config})
         config.check_weights(release.state_dict)
-        model = cls(
-            adata, config=config.to_dict(), gene_list=list(genes), spatial_encoding=spatial_encoding
-        )
-        load_state_dict_strict(model.module, release.state_dict, what=str(release.files["weights"]))
+        # The module is built without memory (meta device) and takes the release's tensors
+        # as they are (assign): the weights are held once (not a random initialisation plus
+        # the file's copy), so loading peaks at one copy of the weights.
+        with torch.device("meta"):
+            model = cls(
+                adata,
+                config=config.to_dict(),
+                gene_list=list(genes),
+                spatial_encoding=spatial_encoding,
+            )
+        # computed (frequencies) or optional (missing_pe) tensors start as in a new module
+        model.module.embedder.pe_enc = Sinusoidal2dPE(config.enc_hid)
+        what = str(release.files["weights"])
+        # tensors the module never uses (the release's 10,000 x 1,024 positional table) are
+        # freed before loading, not held alongside the weights
+        unused = [re.compile(p) for p in CellPLMModule._keys_to_ignore_on_load_unexpected]
+        weights = release.state_dict
+        for key in [k for k in weights if any(p.search(k) for p in unused)]:
+            del weights[key]
+        load_state_dict_strict(model.module, weights, what=what, assign=True)
+        unset = [
+            name
+            for name, t in (*model.module.named_parameters(), *model.module.named_buffers())
+            if t.is_meta
+        ]
+        if unset:  # pragma: no cover - the strict load above names missing keys first
+            raise CheckpointFormatError(f"{what} provides no value for {', '.join(unset)}.")
         logger.info("Loaded CellPLM %s (latent %s).", release.files["weights"], config.latent_mod)
         return model
 
@@ -320,6 +359,22 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 batch_size,
             )
         return cellplm_pack_sentences(sentence, batch_size)
+
+    def _loader(self, call: _Call):
+        """The call's data loader, with compact minibatches (no ``(cells, n_vocab)`` matrix).
+
+        The embedder reads only the genes expressed in a minibatch, so the loader passes only
+        those columns.
+        """
+        dataset = CellDataset(
+            call.manager,
+            call.cells,
+            call.space,
+            call.plan,
+            check=self._value_check(call.adata),
+            compact=True,
+        )
+        return make_loader(dataset, call.groups)
 
     # ------------------------------------------------------------------ training
     def train(

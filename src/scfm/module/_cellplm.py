@@ -22,6 +22,7 @@ from scvi.distributions import NegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
+from scfm.data._loader import GENE_COLUMNS_KEY, TABLE_ROW_SUFFIX
 from scfm.errors import CheckpointFormatError
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._flowformer import FlowformerEncoder
@@ -37,10 +38,13 @@ PLAN_KEYS = {
     "noise": "cellplm_noise",  # (num_clusters,) Gumbel noise of the GMVAE cluster choice
     # (n_vocab,) int: 1 + the gene's AnnData column, negated if the cell's dataset did not
     # measure it, 0 if the AnnData lacks it; the reference sums gene embeddings in AnnData
-    # column order (visible at 1e-4 after the GroupNorm)
+    # column order (visible at 1e-4 after the GroupNorm). A TableRows plan: a minibatch
+    # carries one row per dataset plus each cell's row number ("cellplm_gene_rank_row").
     "gene_rank": "cellplm_gene_rank",
     "mask_rate": "cellplm_mask_rate",  # float: probability that training masks the cell
 }
+#: Cells per block of the embedder's product (bounds its log1p copy of the counts).
+EMBED_BLOCK_CELLS = 512
 #: Groups of every GroupNorm in the embedder and decoder (reference value).
 GROUPNORM_GROUPS = 4
 #: Width of the hidden layer of the NB output head (hard-coded in the reference).
@@ -329,31 +333,51 @@ class CellPLMEmbedder(nn.Module):
         x: torch.Tensor,
         coords: torch.Tensor | None = None,
         gene_rank: torch.Tensor | None = None,
+        gene_columns: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cell tokens.
 
         Parameters
         ----------
         x
-            ``[N, n_vocab]`` counts.
+            ``[N, n_vocab]`` counts, or ``[N, k]`` counts of the genes ``gene_columns``.
         coords
             ``[N, 2]`` coordinates in ``[0, 1]``, or ``None``.
         gene_rank
-            ``[N, n_vocab]`` AnnData column (+1) of each gene (negated if unmeasured, 0 if
-            absent): genes are summed in that order, as the reference does (``None``:
-            vocabulary order).
+            ``[R, n_vocab]`` rows of AnnData column (+1) of each gene (negated if unmeasured,
+            0 if absent; one row per dataset or per cell): genes are summed in that order, as
+            the reference does (``None``: vocabulary order).
+        gene_columns
+            ``[k]`` model gene of each column of ``x`` (any order); ``None``: ``x`` spans
+            the vocabulary.
         """
         # Only genes expressed in the minibatch contribute (zeros add 0), as in the
         # reference's sparse product; skipping the rest saves most of the work.
-        expressed = x.any(dim=0)
-        if gene_rank is None:
-            cols = torch.nonzero(expressed).squeeze(1)
-        else:
-            rank = gene_rank.abs().max(dim=0).values.long()
-            ranked = torch.nonzero(expressed & (rank > 0)).squeeze(1)
-            rest = torch.nonzero(expressed & (rank == 0)).squeeze(1)
-            cols = torch.cat([ranked[torch.argsort(rank[ranked])], rest])
-        h = torch.log1p(x[:, cols].float()) @ self.feat_enc.emb[cols]
+        local = torch.nonzero(x.any(dim=0)).squeeze(1)  # expressed columns of x
+        genes = local if gene_columns is None else gene_columns[local]
+        if gene_columns is not None:  # compact columns may come in any order: vocabulary's
+            order = torch.argsort(genes)
+            local, genes = local[order], genes[order]
+        if gene_rank is not None:
+            # |rank| is the same in every row (unmeasured genes are negated), so the order
+            # comes from the small table, never from a row per cell
+            rank = gene_rank.abs().amax(dim=0)[genes].long()
+            ranked = torch.nonzero(rank > 0).squeeze(1)
+            rest = torch.nonzero(rank == 0).squeeze(1)
+            pick = torch.cat([ranked[torch.argsort(rank[ranked])], rest])
+            local, genes = local[pick], genes[pick]
+        emb = self.feat_enc.emb[genes]
+        # a compact minibatch in the AnnData's column order needs no column gather
+        gather = len(local) != x.shape[1] or not bool(
+            (local == torch.arange(len(local), device=local.device)).all()
+        )
+        parts = []
+        # blocks of cells bound the log1p copy; each row's product is the same computation
+        for s in range(0, len(x), EMBED_BLOCK_CELLS):
+            block = x[s : s + EMBED_BLOCK_CELLS]
+            block = block[:, local].to(emb.dtype) if gather else block.to(emb.dtype, copy=True)
+            parts.append(block.log1p_() @ emb)
+        h = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.spatial_encoding:
             h = h + self.pe_enc(coords, len(h))
         return self.extra_linear(h)
@@ -455,8 +479,10 @@ def pack_sentences(
     pos[order] = torch.arange(len(inverse), device=h.device) - starts[inverse[order]]
     flat = inverse * longest + pos
     if bool((counts == longest).all()):
-        # equal-length sentences need no padding: a plain reshape (and no mask) suffices
-        return h[order].view(n_sent, longest, -1), None, flat
+        # equal-length sentences need no padding: a plain reshape (and no mask) suffices,
+        # without even a copy when the cells already come sentence by sentence
+        in_order = bool((order == torch.arange(len(order), device=h.device)).all())
+        return (h if in_order else h[order]).view(n_sent, longest, -1), None, flat
     packed = h.new_zeros(n_sent * longest, h.shape[1])
     packed[flat] = h
     mask = torch.zeros(n_sent * longest, dtype=torch.bool, device=h.device)
@@ -535,10 +561,12 @@ class CellPLMModule(BaseModuleClass):
         sentence = plan("sentence")
         return {
             "x": tensors[REGISTRY_KEYS.X_KEY],
+            "gene_columns": tensors.get(GENE_COLUMNS_KEY),
             "sentence": None if sentence is None else sentence.reshape(-1).long(),
             "coords": plan("coords"),
             "noise": plan("noise"),
             "gene_rank": plan("gene_rank"),
+            "gene_rank_row": tensors.get(PLAN_KEYS["gene_rank"] + TABLE_ROW_SUFFIX),
             "mask_rate": plan("mask_rate"),
         }
 
@@ -551,6 +579,8 @@ class CellPLMModule(BaseModuleClass):
         noise: torch.Tensor | None = None,
         gene_rank: torch.Tensor | None = None,
         mask_rate: torch.Tensor | None = None,
+        gene_columns: torch.Tensor | None = None,
+        gene_rank_row: torch.Tensor | None = None,
         hidden_layer: int | None = None,
         output: str = "embedding",
         decode: bool = False,
@@ -562,7 +592,8 @@ class CellPLMModule(BaseModuleClass):
         Parameters
         ----------
         x
-            ``[N, n_vocab]`` raw counts in the model's gene space.
+            ``[N, n_vocab]`` raw counts in the model's gene space, or ``[N, k]`` counts of
+            the genes ``gene_columns`` (a compact minibatch).
         sentence
             ``[N]`` sentence id of each cell (cells with one id attend to each other);
             ``None``: all cells form one sentence.
@@ -573,15 +604,21 @@ class CellPLMModule(BaseModuleClass):
             ``[N, num_clusters]`` Gumbel noise of the GMVAE cluster choice in eval
             (``None``: the most probable cluster).
         gene_rank
-            ``[N, n_vocab]`` int, 1 + the AnnData column of each gene the cell's dataset
+            ``[R, n_vocab]`` int rows, 1 + the AnnData column of each gene a dataset
             measured, negative for genes it did not measure, 0 for genes the AnnData lacks
-            (:func:`scfm.data._cellplm_sentences.cellplm_gene_rank`). The decoded expression
-            is rescaled so that measured genes sum to the cell's observed total, the training
-            loss counts only them, and the embedder sums genes in this order. ``None``: every
-            gene measured, vocabulary order.
+            (:func:`scfm.data._cellplm_sentences.cellplm_gene_rank`); cell ``i`` reads row
+            ``gene_rank_row[i]`` (without ``gene_rank_row``: the one row, or row ``i`` of
+            ``N`` rows). The decoded expression is rescaled so that measured genes sum to the
+            cell's observed total, the training loss counts only them, and the embedder sums
+            genes in this order. ``None``: every gene measured, vocabulary order.
         mask_rate
             ``[N]`` probability that ``mask`` masks each cell (``None``:
             ``config.mask_node_rate``).
+        gene_columns
+            ``[k]`` model gene of each column of a compact ``x`` (any order); ``None``:
+            ``x`` spans the vocabulary.
+        gene_rank_row
+            ``[N]`` row of ``gene_rank`` of each cell.
         hidden_layer
             ``None``: ``cell_embedding`` is given by ``output``. An int reads the Flowformer
             states instead, Python indexing over (embedder output, layer 1, ..., layer N).
@@ -614,7 +651,7 @@ class CellPLMModule(BaseModuleClass):
         if mask:
             sentence, extra["kept"] = self._drop_cells(sentence)
             x_in, extra["masked_entries"] = self._mask_counts(x, mask_rate)
-        h = self.embedder(x_in, coords, gene_rank)
+        h = self.embedder(x_in, coords, gene_rank, gene_columns)
         if hidden_layer is not None:
             n_layers = range(self.config.enc_layers + 1)[hidden_layer]
             h = self.encode(h, sentence, n_layers)
@@ -628,8 +665,8 @@ class CellPLMModule(BaseModuleClass):
             out.logits = self.classifier(h_pre)
         if decode:
             mean, extra["dispersion"] = self.decoder(latent["z"])
-            measured = None if gene_rank is None else gene_rank > 0
-            out.expression = _rescale(mean, x, measured) if rescale else mean
+            measured = None if gene_rank is None else _rank_rows(gene_rank, gene_rank_row) > 0
+            out.expression = _rescale(mean, x, measured, gene_columns) if rescale else mean
         return out
 
     def encode(
@@ -637,8 +674,12 @@ class CellPLMModule(BaseModuleClass):
     ) -> torch.Tensor:
         """Flowformer over the cells of each sentence; cells of different sentences never mix."""
         packed, mask, flat = pack_sentences(h, sentence)
-        out = self.encoder(packed, mask, n_layers)
-        return out.reshape(-1, out.shape[-1])[flat]
+        out = self.encoder(packed, mask, n_layers).reshape(-1, packed.shape[-1])
+        if len(flat) == len(out) and bool(
+            (flat == torch.arange(len(flat), device=flat.device)).all()
+        ):
+            return out  # cells already in place (e.g. one sentence): no gather copy
+        return out[flat]
 
     def _drop_cells(self, sentence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's node dropping, keeping one output row per cell.
@@ -715,14 +756,22 @@ class CellPLMModule(BaseModuleClass):
         ``batch_gene_list``) count in the loss and in the per-cell rescaling; kept cells
         with masked entries (all kept cells outside training) are scored.
         """
-        x = tensors[REGISTRY_KEYS.X_KEY].float()
         extra = inference_outputs.extra
-        rank = tensors.get(PLAN_KEYS["gene_rank"])
-        measured = torch.ones_like(x) if rank is None else (rank > 0).to(x)
-        x = x * measured  # unmeasured entries count neither in the loss nor in the totals
-        mean = generative_outputs["mean"] * measured
-        theta = generative_outputs["disp"].expand_as(mean)
+        mean = generative_outputs["mean"]
+        columns = tensors.get(GENE_COLUMNS_KEY)
+        x = _gene_space(tensors[REGISTRY_KEYS.X_KEY].float(), columns, mean.shape[1])
         masked = extra.get("masked_entries")
+        if masked is not None:
+            masked = _gene_space(masked, columns, mean.shape[1])
+        rank = tensors.get(PLAN_KEYS["gene_rank"])
+        if rank is None:
+            measured = torch.ones_like(x)
+        else:
+            row = tensors.get(PLAN_KEYS["gene_rank"] + TABLE_ROW_SUFFIX)
+            measured = (_rank_rows(rank, row) > 0).to(x).expand_as(x)
+        x = x * measured  # unmeasured entries count neither in the loss nor in the totals
+        mean = mean * measured
+        theta = generative_outputs["disp"].expand_as(mean)
         cells = extra.get("kept", torch.ones(len(x), dtype=torch.bool, device=x.device))
         if masked is not None and bool((cells & masked.any(dim=1)).any()):
             cells = cells & masked.any(dim=1)
@@ -749,11 +798,36 @@ def _scale_to(mean: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return mean / mean.sum(dim=1, keepdim=True).clamp(min=1e-8) * total[:, None]
 
 
-def _rescale(mean: torch.Tensor, x: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
-    """The reference imputation output: ``mean`` times observed / predicted measured total."""
+def _rank_rows(gene_rank: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:
+    """Each cell's gene-rank row (``[N, n_vocab]``), or the one shared row (``[1, n_vocab]``)."""
+    if row is None or len(gene_rank) == 1:
+        return gene_rank
+    return gene_rank[row]
+
+
+def _gene_space(x: torch.Tensor, columns: torch.Tensor | None, n_genes: int) -> torch.Tensor:
+    """A compact minibatch's ``[N, k]`` values spread into ``[N, n_genes]`` (zeros elsewhere)."""
+    if columns is None:
+        return x
+    out = x.new_zeros(len(x), n_genes)
+    out[:, columns] = x
+    return out
+
+
+def _rescale(
+    mean: torch.Tensor,
+    x: torch.Tensor,
+    measured: torch.Tensor | None,
+    columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference imputation output: ``mean`` times observed / predicted measured total.
+
+    ``x`` holds the genes ``columns`` (``None``: all); ``measured`` is ``[N or 1, n_genes]``.
+    """
     if measured is None:
         observed, predicted = x.sum(1), mean.sum(1)
     else:
         m = measured.to(mean.dtype)
-        observed, predicted = (x * m).sum(1), (mean * m).sum(1)
+        observed = (x * (m if columns is None else m[:, columns])).sum(1)
+        predicted = (mean * m).sum(1)
     return mean * (observed / predicted.clamp(min=1e-12))[:, None]

@@ -75,8 +75,9 @@ class FlowAttention(nn.Module):
         ``[B, L, d_model]``; padded positions hold arbitrary finite values.
         """
         b, n, d = x.shape
-        q = torch.sigmoid(self._heads(self.query_projection(x)))  # [B, H, L, Dh]
-        k = torch.sigmoid(self._heads(self.key_projection(x)))
+        # in place: the projections' outputs are not needed otherwise (nor by autograd)
+        q = self._heads(self.query_projection(x).sigmoid_())  # [B, H, L, Dh]
+        k = self._heads(self.key_projection(x).sigmoid_())
         v = self._heads(self.value_projection(x))
         if mask is not None:
             # Zeroed queries / keys drop out of every sum over positions below, so a padded
@@ -88,12 +89,14 @@ class FlowAttention(nn.Module):
         else:
             n_valid = torch.full((b, 1, 1), float(n), dtype=q.dtype, device=x.device)
         eps = self.eps
+        q_eps, k_eps = q + eps, k + eps  # each used twice below
         # incoming / outgoing flow of each sink (query) and source (key)
-        incoming = 1.0 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(dim=2) + eps)
-        outgoing = 1.0 / torch.einsum("bhsd,bhd->bhs", k + eps, q.sum(dim=2) + eps)
+        incoming = 1.0 / torch.einsum("bhld,bhd->bhl", q_eps, k.sum(dim=2) + eps)
+        outgoing = 1.0 / torch.einsum("bhsd,bhd->bhs", k_eps, q.sum(dim=2) + eps)
         # conserved flows
-        sink = torch.einsum("bhld,bhd->bhl", q + eps, (k * outgoing[..., None]).sum(dim=2) + eps)
-        source = torch.einsum("bhsd,bhd->bhs", k + eps, (q * incoming[..., None]).sum(dim=2) + eps)
+        sink = torch.einsum("bhld,bhd->bhl", q_eps, (k * outgoing[..., None]).sum(dim=2) + eps)
+        source = torch.einsum("bhsd,bhd->bhs", k_eps, (q * incoming[..., None]).sum(dim=2) + eps)
+        del q_eps, k_eps
         source = source.clamp(min=-1.0, max=1.0)
         # allocation (sinks) and competition (sources); non-causal, so L / S = 1
         allocation = torch.sigmoid(sink)
@@ -101,7 +104,9 @@ class FlowAttention(nn.Module):
             source = source.masked_fill(~mask[:, None, :], float("-inf"))
         competition = torch.softmax(source, dim=-1) * n_valid
         kv = k.transpose(-2, -1) @ (v * competition[..., None])  # [B, H, Dh, Dh]
-        out = (q @ kv) * incoming[..., None] * allocation[..., None]
+        # in place, in the same order as (q @ kv) * incoming * allocation: same numbers,
+        # no extra [B, H, L, Dh] buffers
+        out = (q @ kv).mul_(incoming[..., None]).mul_(allocation[..., None])
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.dropout(self.out_projection(out))
 
