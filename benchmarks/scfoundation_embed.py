@@ -1,188 +1,278 @@
-"""Throughput of scFoundation cell embeddings: scfm's batched path vs one cell at a time.
+"""scFoundation cell embeddings at release size: scfm vs the reference get_embedding.py (or mirror).
 
-Both paths use the same real-sized random weights (768 x 12 encoder over the 19,264-gene
-list) and the same synthetic cells (~1,900 non-zero genes each, like real data). The
-one-cell-at-a-time baseline follows the reference ``get_embedding.py``: a dense 19,266-value
-vector per cell, gathering of the non-zero values, the reference ``pytorchTransformerModule``
-(``torch.nn.TransformerEncoderLayer`` called with the all-``False`` key-padding mask the
-reference passes) and pooling. The same loop without the mask, which lets torch take its
-unmasked fused path, is timed as a second, stronger baseline. Prints cells/s of each, the
-ratios, the achieved GFLOP/s against a float32 matmul measured in the same run, and the
-bf16-autocast figure of the batched path separately.
+Writes a randomly initialised release in the released layout (``models/models.ckpt``: one
+``torch.save`` dict holding three different full ``MaeAutobin`` models under ``'cell'``,
+``'rde'`` and ``'gene'``, each ``{'config': nested dict, 'state_dict': 'model.'-prefixed
+keys}``, 768 x 12 encoder, 512 x 6 Performer decoder, 19,266 positions, 100 bins, as in the
+layout of ``tests/data/fixtures/scfoundation/checkpoint``; plus the 19,264-gene list) and an
+``.h5ad`` of raw counts over 10,000 of the list's genes in shuffled order (~1,900 expressed
+genes per cell), then runs each side in its own process:
 
-Usage::
+* ``scfm``: ``ScFoundation.from_pretrained(release, adata).get_latent_representation()``
+  (only the ``'cell'`` weights are read).
+* ``reference`` (``--reference-dir`` = a checkout of biomap-research/scFoundation, or its
+  ``model/`` folder; the interpreter (``--reference-python`` or ``<checkout>/.venv``) needs
+  torch, scanpy, einops and local-attention): ``model/get_embedding.py`` run unchanged as a
+  script (``--input_type singlecell --output_type cell --pool_type all --tgthighres t4
+  --pre_normalized F --version ce``) in a scratch folder laid out as it expects
+  (``./models/models.ckpt``, ``./OS_scRNA_gene_index.19264.tsv``). Run-time shims only:
+  ``Tensor.cuda`` / ``Module.cuda`` are no-ops (CPU machine), and the ``tqdm`` it wraps its
+  one-cell-at-a-time loop in is timed (that loop is the timed part; reading the data and
+  the model is not).
+* ``mirror`` (no checkout): the reference path re-written here: the whole ``models.ckpt``
+  read, one dense float64 cell at a time, its non-zero values gathered, torch
+  ``nn.TransformerEncoderLayer`` layers called with the all-``False`` key-padding mask the
+  reference passes, pooling ``all``.
 
-    python benchmarks/scfoundation_embed.py [--n-cells 32] [--n-genes 1900] [--batch-size 8]
+    python benchmarks/scfoundation_embed.py [--cells 6] [--quick] [--reference-dir PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
-import anndata as ad
-import numpy as np
-import scipy.sparse as sp
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
 
-from scfm.data import scfoundation_gather, scfoundation_preprocess
-from scfm.io import read_scfoundation_gene_list
-from scfm.model import ScFoundation
-
-
-def synthetic_cells(n_cells: int, n_genes: int, genes: list[str], seed: int = 0) -> ad.AnnData:
-    """Raw counts with ``n_genes +- 10%`` non-zero genes per cell over the full gene list."""
-    rng = np.random.default_rng(seed)
-    rows, cols, vals = [], [], []
-    for i in range(n_cells):
-        k = int(n_genes * rng.uniform(0.9, 1.1))
-        idx = rng.choice(len(genes), size=k, replace=False)
-        rows.append(np.full(k, i))
-        cols.append(idx)
-        vals.append(rng.geometric(0.4, size=k))
-    x = sp.csr_matrix(
-        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(n_cells, len(genes)),
-    )
-    adata = ad.AnnData(x)
-    adata.var_names = genes
-    return adata
+CELLS, QUICK_CELLS = 6, 3
+N_GENES, N_EXPRESSED = 10_000, 1900
+#: Architecture of the released models (spec section 1).
+HIDDEN, DEPTH, HEADS, DEC_HIDDEN, DEC_DEPTH, DEC_HEADS, DIM_HEAD, BINS = (
+    768, 12, 12, 512, 6, 8, 64, 100
+)  # fmt: skip
+SEQ_LEN = 19_266
+GENE_LIST = "OS_scRNA_gene_index.19264.tsv"
+FIXTURE = C.BENCH_DIR.parent / "tests" / "data" / "fixtures" / "scfoundation"
 
 
-class ReferenceEncoder(nn.Module):
-    """The reference ``pytorchTransformerModule`` with the model's weights.
+def write_release(directory: Path, seed: int = 0) -> Path:
+    """A random release of the released size: three different models in one ``models.ckpt``."""
+    import copy
+    from importlib.resources import files
 
-    A ``ModuleList`` of ``torch.nn.TransformerEncoderLayer`` (post-LN, ReLU), each called with
-    ``src_key_padding_mask`` as the reference does (all ``False`` for one cell), then a final
-    LayerNorm. ``key_padding_mask=False`` drops the mask: a stronger baseline than the
-    reference, reported separately.
-    """
+    import torch
 
-    def __init__(self, model: ScFoundation) -> None:
-        super().__init__()
-        cfg = model.module.config
-        d = cfg.encoder_hidden_dim
-        self.transformer_encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, cfg.encoder_heads, 4 * d, batch_first=True)
-            for _ in range(cfg.encoder_depth)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.load_state_dict(model.module.encoder.state_dict())
-        self.eval()
+    from scfm.module import ScFoundationConfig, ScFoundationModule
 
-    def forward(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.transformer_encoder:
-            x = layer(x, src_key_padding_mask=padding)
-        return self.norm(x)
-
-
-@torch.inference_mode()
-def one_cell_at_a_time(
-    model: ScFoundation, adata: ad.AnnData, key_padding_mask: bool = True
-) -> np.ndarray:
-    """The reference's loop: one dense cell, gather non-zeros, encode, pool 'all'."""
-    module = model.module
-    enc = ReferenceEncoder(model)
-    x = adata.X.toarray()
-    out = []
-    for i in range(adata.n_obs):
-        aligned = torch.zeros(1, module.config.n_genes, dtype=torch.float64)
-        aligned[0, torch.as_tensor(model.gene_alignment.vocab_index)] = torch.as_tensor(
-            x[i, model.gene_alignment.var_index], dtype=torch.float64
-        )
-        values = scfoundation_preprocess(aligned, "F", "t4")
-        gathered, ids, padding = scfoundation_gather(values)
-        h = module.token_emb(gathered) + module.pos_emb(ids)
-        h = enc(h, padding if key_padding_mask else None)
-        out.append(torch.cat([h[:, -1], h[:, -2], h[:, :-2].amax(1), h[:, :-2].mean(1)], dim=1))
-    return torch.cat(out).numpy()
+    tiny = torch.load(FIXTURE / "checkpoint" / "models" / "models.ckpt", weights_only=True)
+    config = copy.deepcopy(tiny["cell"]["config"])
+    arch = config["model_config"]["mae_autobin"]
+    arch.update(seq_len=SEQ_LEN, gene_num=SEQ_LEN, bin_num=BINS)
+    arch["encoder"].update(hidden_dim=HIDDEN, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD,
+                           seq_len=SEQ_LEN)  # fmt: skip
+    arch["decoder"].update(hidden_dim=DEC_HIDDEN, depth=DEC_DEPTH, heads=DEC_HEADS,
+                           dim_head=DIM_HEAD, seq_len=SEQ_LEN)  # fmt: skip
+    config["dataset_config"]["rnaseq"]["bin_num"] = BINS
+    with torch.device("meta"):  # only the key set and shapes are needed
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in ScFoundationModule(
+                ScFoundationConfig.from_reference(
+                    {**arch, **config["dataset_config"]["rnaseq"], "model_type": "mae_autobin"}
+                )
+            )
+            .state_dict()
+            .items()
+        }
+    gen = torch.Generator().manual_seed(seed)
+    release = {}
+    for name in ("cell", "rde", "gene"):
+        state = {}
+        for key, shape in shapes.items():
+            if key.endswith("calls_since_last_redraw"):
+                state["model." + key] = torch.tensor(0)
+            else:
+                state["model." + key] = C.random_tensor(shape, key, gen)
+        release[name] = {"config": copy.deepcopy(config), "state_dict": state}
+    (directory / "models").mkdir(parents=True)
+    torch.save(release, directory / "models" / "models.ckpt")
+    shipped = files("scfm.data") / "resources" / "scfoundation" / GENE_LIST
+    (directory / GENE_LIST).write_bytes(shipped.read_bytes())
+    return directory
 
 
-def encoder_gflop(lengths: np.ndarray, d: int, depth: int) -> float:
-    """FLOPs (2 per multiply-add) of the encoder over the given (unpadded) token counts."""
-    per_layer = 24 * d * d * lengths + 4 * lengths.astype(np.float64) ** 2 * d
-    return float(per_layer.sum() * depth / 1e9)
+def write_data(path: Path, release: Path, n_cells: int, seed: int = 3) -> Path:
+    """Raw counts over ``N_GENES`` genes of the list, in shuffled order (the reference aligns)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    genes = pd.read_csv(release / GENE_LIST, sep="\t")["gene_name"].to_numpy()
+    genes = np.random.default_rng(seed).permutation(genes)[:N_GENES]
+    x = C.synthetic_counts(n_cells, len(genes), N_EXPRESSED, seed=seed)
+    adata = ad.AnnData(x, var=pd.DataFrame(index=genes.astype(str)))
+    adata.obs_names = [f"cell{i}" for i in range(n_cells)]
+    adata.write_h5ad(path)
+    return path
 
 
-def matmul_gflops(d: int, seconds: float = 3.0) -> float:
-    """float32 GEMM throughput of a (2048 x d) @ (d x 4d) product, best of a few runs."""
-    a, b = torch.randn(2048, d), torch.randn(d, 4 * d)
-    flop = 2 * 2048 * d * 4 * d
-    best, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        for _ in range(5):
-            torch.mm(a, b)
-        best = max(best, 5 * flop / (time.perf_counter() - t) / 1e9)
-    return best
+def token_lengths(data: Path) -> list[int]:
+    """Encoder tokens per cell: the expressed genes plus the T and S tokens."""
+    import anndata as ad
+    import numpy as np
+
+    x = ad.read_h5ad(data).X
+    return (np.diff(x.indptr) + 2).tolist()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-cells", type=int, default=32)
-    parser.add_argument("--n-genes", type=int, default=1900, help="non-zero genes per cell")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--depth", type=int, default=12, help="encoder layers (12 = release)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast run")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def encoder_flops(lengths: list[int]) -> float:
+    """Encoder FLOPs (2 per multiply-add, attention included) over unpadded cells."""
+    import numpy as np
 
-    genes = read_scfoundation_gene_list()
-    adata = synthetic_cells(args.n_cells, args.n_genes, genes)
-    ScFoundation.setup_anndata(adata)
-    model = ScFoundation(adata, config={"encoder_depth": args.depth})
-    model.module.eval()
-    d = model.module.config.encoder_hidden_dim
-    lengths = np.asarray((adata.X > 0).sum(1)).ravel() + 2  # + T and S tokens
-    gflop = encoder_gflop(lengths, d, args.depth)
+    n = np.asarray(lengths, dtype=np.float64)
+    return float(((24 * HIDDEN * HIDDEN * n + 4 * n**2 * HIDDEN) * DEPTH).sum())
 
-    peak = matmul_gflops(d)
-    # warm-up of every path on two cells
-    model.get_latent_representation(indices=[0, 1], progress_bar=False)
-    one_cell_at_a_time(model, adata[:2])
-    one_cell_at_a_time(model, adata[:2], key_padding_mask=False)
 
-    def timed(fn: Callable[..., np.ndarray], *fn_args, **fn_kwargs) -> tuple[np.ndarray, float]:
+# --------------------------------------------------------------------------- workers
+def worker_scfm(args) -> None:
+    import anndata as ad
+    import numpy as np
+
+    import scfm
+
+    C.set_threads(args.threads)
+    adata = ad.read_h5ad(args.data)
+    scfm.model.ScFoundation.setup_anndata(adata)
+    model = scfm.model.ScFoundation.from_pretrained(args.release, adata)
+    peak = C.matmul_peak_gflops()
+    with C.Timer() as t:
+        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
+    np.save(args.out, np.asarray(z, dtype=np.float32))
+    # the machine may be shared: the higher of the rates before and after the timed call
+    peak = max(peak, C.matmul_peak_gflops())
+    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+
+
+def worker_reference(args) -> None:
+    import runpy
+    import tempfile
+
+    import numpy as np
+    import scanpy  # noqa: F401  (imported by the reference; before tqdm is wrapped below)
+    import torch
+    import tqdm
+
+    C.set_threads(args.threads)
+    root = Path(args.reference_dir).resolve()
+    model_dir = root / "model" if (root / "model" / "get_embedding.py").exists() else root
+    # CPU machine: the reference moves the model and every input with .cuda()
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    times: dict[str, float] = {}
+    plain_tqdm = tqdm.tqdm
+
+    def timed_loop(iterable, *a, **k):
+        # get_embedding.py runs its inference loop as `for i in tqdm(range(n))`
         start = time.perf_counter()
-        result = fn(*fn_args, **fn_kwargs)
-        return result, time.perf_counter() - start
+        yield from iterable
+        times["loop"] = time.perf_counter() - start
 
-    base, t_base = timed(one_cell_at_a_time, model, adata)
-    z, t_batch = timed(
-        model.get_latent_representation, batch_size=args.batch_size, progress_bar=False
+    peak = C.matmul_peak_gflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        os.symlink(Path(args.release).resolve() / "models", scratch / "models")
+        os.symlink(Path(args.release).resolve() / GENE_LIST, scratch / GENE_LIST)
+        argv, cwd = sys.argv, os.getcwd()
+        sys.argv = ["get_embedding.py", "--task_name", "bench", "--input_type", "singlecell",
+                    "--output_type", "cell", "--pool_type", "all", "--tgthighres", "t4",
+                    "--pre_normalized", "F", "--version", "ce",
+                    "--data_path", str(Path(args.data).resolve()), "--save_path", tmp]  # fmt: skip
+        sys.path.insert(0, str(model_dir))
+        tqdm.tqdm = timed_loop
+        os.chdir(scratch)
+        try:
+            with C.Timer() as total:
+                runpy.run_path(str(model_dir / "get_embedding.py"), run_name="__main__")
+        finally:
+            os.chdir(cwd)
+            sys.argv, tqdm.tqdm = argv, plain_tqdm
+        (out,) = scratch.glob("*.npy")
+        z = np.load(out).reshape(-1, 4 * HIDDEN).astype(np.float32)
+    np.save(args.out, z)
+    C.worker_report(
+        cells=len(z),
+        seconds=times["loop"],
+        total_seconds=total.seconds,
+        matmul_gflops=peak,
     )
-    nomask, t_nomask = timed(one_cell_at_a_time, model, adata, key_padding_mask=False)
 
-    def line(name: str, seconds: float) -> str:
-        rate = gflop / seconds
-        return f"{name:<42}{args.n_cells / seconds:8.3f} cells/s {rate:7.1f} GFLOP/s " + (
-            f"({rate / peak:.0%} of peak)"
-        )
 
-    print(f"cells: {args.n_cells}, non-zero genes per cell: {lengths.mean() - 2:.0f}, "
-          f"encoder depth {args.depth}, threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"float32 matmul peak (same run): {peak:.1f} GFLOP/s")
-    print(line("one cell at a time (reference)", t_base))
-    print(line("one cell at a time, no key-padding mask", t_nomask))
-    print(line(f"scfm batched (bs={args.batch_size})", t_batch))
-    print(f"ratio batched / one-at-a-time (float32): {t_base / t_batch:.2f}x   "
-          f"(max |difference| of embeddings {float(np.abs(z - base).max()):.1e})")  # fmt: skip
-    print(f"ratio batched / one-at-a-time without the mask (float32): {t_nomask / t_batch:.2f}x "
-          f"(max |difference| {float(np.abs(z - nomask).max()):.1e})")  # fmt: skip
-    if not args.no_bf16:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            t = time.perf_counter()
-            zb = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
-            t_bf16 = time.perf_counter() - t
-        print(f"scfm batched bf16 autocast: {args.n_cells / t_bf16:8.3f} cells/s  "
-              f"ratio vs one-at-a-time float32 {t_base / t_bf16:.2f}x  "
-              f"(max |difference| vs float32 {float(np.abs(zb - z).max()):.1e})")  # fmt: skip
+def worker_mirror(args) -> None:
+    import anndata as ad
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from scfm.data import scfoundation_gather, scfoundation_preprocess
+    from scfm.io._scfoundation import flatten_scfoundation_config
+    from scfm.module import ScFoundationConfig, ScFoundationModule
+
+    C.set_threads(args.threads)
+    rel = Path(args.release)
+    # the reference reads the whole file, keeps one model and copies it into a fresh one
+    entry = torch.load(rel / "models" / "models.ckpt", map_location="cpu", weights_only=True)
+    entry = entry["cell"]
+    config = ScFoundationConfig.from_reference(flatten_scfoundation_config(entry["config"]))
+    module = ScFoundationModule(config).eval()
+    state = {k.split("model.", 1)[1]: v for k, v in entry.pop("state_dict").items()}
+    module.load_state_dict(state)
+    del state, entry
+    encoder = nn.ModuleDict(
+        {
+            "transformer_encoder": nn.ModuleList(
+                nn.TransformerEncoderLayer(HIDDEN, HEADS, 4 * HIDDEN, batch_first=True)
+                for _ in range(DEPTH)
+            ),
+            "norm": nn.LayerNorm(HIDDEN),
+        }
+    ).eval()
+    encoder.load_state_dict(module.encoder.state_dict(), assign=True)  # shares the weights
+    genes = (rel / GENE_LIST).read_text().splitlines()[1:]
+    position = {g.split("\t")[0]: i for i, g in enumerate(genes)}
+    adata = ad.read_h5ad(args.data)
+    cols = np.array([position.get(g, -1) for g in adata.var_names])
+    x = np.zeros((adata.n_obs, len(genes)))  # dense, vocabulary order, as the reference
+    x[:, cols[cols >= 0]] = adata.X.toarray()[:, cols >= 0]
+    peak = C.matmul_peak_gflops()
+    out = []
+    with C.Timer() as t, torch.no_grad():
+        for i in range(adata.n_obs):
+            values = scfoundation_preprocess(torch.as_tensor(x[i : i + 1]), "F", "t4")
+            gathered, ids, padding = scfoundation_gather(values)
+            h = module.token_emb(gathered.float()) + module.pos_emb(ids)
+            for layer in encoder["transformer_encoder"]:
+                h = layer(h, src_key_padding_mask=padding)
+            h = encoder["norm"](h)
+            out.append(torch.cat([h[:, -1], h[:, -2], h[:, :-2].amax(1), h[:, :-2].mean(1)], dim=1))
+    z = torch.cat(out).numpy()
+    np.save(args.out, z)
+    C.worker_report(cells=len(z), seconds=t.seconds, matmul_gflops=peak)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_cli(parser, "checkout of biomap-research/scFoundation (or its model/ folder)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
+        workers[args.worker](args)
+        return {}
+    n = args.cells or (QUICK_CELLS if args.quick else CELLS)
+    work = C.work_dir(args.work_dir)
+    release = C.build_once(work / "scfoundation", write_release)
+    data = C.build_once(work / f"scfoundation-cells{n}.h5ad", lambda p: write_data(p, release, n))
+    common = ["--release", str(release), "--data", str(data)]
+    scfm, base, kind, cmp = C.run_sides(__file__, "scfoundation", args, common)
+    lengths = token_lengths(data)
+    extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
+    res = C.summarise("scfoundation", scfm, base, kind, encoder_flops(lengths), extra)
+    C.print_summary(res)
+    C.emit_result(**res)
+    return res
 
 
 if __name__ == "__main__":

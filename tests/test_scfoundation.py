@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import shutil
+import subprocess
+import sys
+import textwrap
 import time
 
 import anndata as ad
@@ -309,6 +312,23 @@ def test_packed_inference_equals_the_masked_padded_encoder(loaded, monkeypatch):
             monkeypatch.setitem(sf_module.MAX_GROUP_TOKENS, "cpu", budget)
             regrouped, _, _ = module.encode(values)
             np.testing.assert_allclose(regrouped, packed, atol=1e-5, rtol=0)
+        # inference pools the packed rows cell by cell: the same as pooling the padded batch
+        lengths = valid.sum(dim=1).tolist()
+        for pooling in ("all", "max"):
+            np.testing.assert_allclose(
+                module.pool_packed(packed[valid], lengths, pooling),
+                module.pool(packed, padding, pooling),
+                atol=1e-6,
+                rtol=0,
+            )
+
+
+def test_packed_pooling_of_a_cell_without_genes_matches_the_padded_pooling():
+    hidden = torch.randn(1, 2, 4)  # only the T and S tokens
+    padded = sf_module.ScFoundationModule.pool(hidden, torch.zeros(1, 2, dtype=bool), "all")
+    packed = sf_module.ScFoundationModule.pool_packed(hidden[0], [2], "all")
+    np.testing.assert_array_equal(packed.numpy(), padded.numpy())  # -inf max, NaN mean
+    assert torch.isneginf(packed[0, 8:12]).all() and torch.isnan(packed[0, 12:]).all()
 
 
 def test_decoder_chunks_do_not_change_results(gene_model, monkeypatch):
@@ -386,6 +406,84 @@ def test_only_the_requested_weights_are_loaded(fx, tmp_path):
         assert held == []
     with pytest.raises(InvalidInputError, match="weights"):
         ScFoundation.from_pretrained(fx / "checkpoint", adata, weights="cells")
+
+
+def test_release_without_the_redraw_counter_loads(fx, expected, tmp_path):
+    """The module is built on the meta device: a buffer the release may lack (the Performer's
+    redraw counter) must still become a real tensor, at its initial zero."""
+    key = "model.decoder.performer.calls_since_last_redraw"
+    folder = _copy_release(fx, tmp_path, lambda ckpt: ckpt["gene"]["state_dict"].pop(key))
+    adata = _adata(fx)
+    model = ScFoundation.from_pretrained(folder, adata, weights="gene")
+    counter = model.module.decoder.performer.calls_since_last_redraw
+    assert not counter.is_meta and int(counter) == 0
+    assert not any(t.is_meta for t in model.module.state_dict().values())
+    r = model.get_normalized_expression(
+        indices=range(5), gene_list=list(expected["vocab_genes"]), progress_bar=False
+    )
+    np.testing.assert_allclose(
+        r.to_numpy(), expected["reconstructed_expression"], atol=ATOL, rtol=0
+    )
+
+
+def test_legacy_format_release_is_read_whole(fx, expected, tmp_path):
+    """A models.ckpt in torch's legacy (non-zip) format cannot be memory-mapped: it is read."""
+    ckpt = torch.load(fx / "checkpoint/models/models.ckpt", weights_only=True)
+    folder = tmp_path / "legacy"
+    (folder / "models").mkdir(parents=True)
+    torch.save(ckpt, folder / "models" / "models.ckpt", _use_new_zipfile_serialization=False)
+    shutil.copy(fx / "checkpoint" / "OS_scRNA_gene_index.19264.tsv", folder)
+    model = ScFoundation.from_pretrained(folder, _adata(fx))
+    z = model.get_latent_representation(progress_bar=False)
+    np.testing.assert_allclose(z, expected["cell_embeddings"], atol=ATOL, rtol=0)
+
+
+def test_loading_one_weight_set_holds_it_once(fx, tmp_path):
+    """models.ckpt holds three models: loading one must neither read the other two nor hold
+    a second copy of it (a module initialised at random, then overwritten). The rise of the
+    peak RSS of a fresh process over loading stays well below two weight sets."""
+    folder = tmp_path / "release"
+    (folder / "models").mkdir(parents=True)
+    shutil.copy(fx / "checkpoint" / "OS_scRNA_gene_index.19264.tsv", folder)
+    tiny = torch.load(fx / "checkpoint/models/models.ckpt", weights_only=True)
+    config = copy.deepcopy(tiny["cell"]["config"])
+    arch = config["model_config"]["mae_autobin"]
+    arch["encoder"].update(hidden_dim=512, depth=8, heads=8, dim_head=64)
+    flat = scfm.io._scfoundation.flatten_scfoundation_config(config)
+    release, set_bytes = {}, 0
+    for i, name in enumerate(("cell", "rde", "gene")):
+        torch.manual_seed(i)
+        module = sf_module.ScFoundationModule(ScFoundationConfig.from_reference(flat))
+        state = {"model." + k: v for k, v in module.state_dict().items()}
+        set_bytes = sum(v.numel() * v.element_size() for v in state.values())
+        release[name] = {"config": copy.deepcopy(config), "state_dict": state}
+    torch.save(release, folder / "models" / "models.ckpt")
+    del release, module, state
+    assert set_bytes > 80e6  # large against the noise of the measurement
+    script = textwrap.dedent(
+        f"""
+        import anndata as ad, torch
+        from scfm.model import ScFoundation
+
+        def status(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+
+        torch.set_num_threads(1)
+        adata = ad.read_h5ad({str(fx / "input.h5ad")!r})
+        ScFoundation.setup_anndata(adata)
+        before = status("VmRSS:")
+        model = ScFoundation.from_pretrained({str(folder)!r}, adata, weights="rde")
+        print(status("VmHWM:") - before)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    rise = int(proc.stdout.strip().splitlines()[-1])
+    # reading the whole file would add 3 sets, a random module then a copy of it 2 sets
+    assert rise < 1.5 * set_bytes, (rise, set_bytes)
 
 
 def _holds_tensors(value) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -175,8 +176,9 @@ def read_scfoundation_checkpoint(
 ) -> Release:
     """Read one of the three models of the released ``models.ckpt`` and its gene list.
 
-    Only the requested model is kept: the other two are dropped as soon as the file is
-    read.
+    Only the requested model is read: the file is memory-mapped (when it is in torch's zip
+    format), so the two other models never enter memory, and the returned tensors are views
+    of the file until they are written to.
 
     Parameters
     ----------
@@ -208,7 +210,11 @@ def read_scfoundation_checkpoint(
             f"{', '.join(map(repr, SCFOUNDATION_WEIGHTS))}."
         )
     ckpt, gene_file = resolve_scfoundation_files(path)
-    obj = load_torch_file(ckpt, trust_checkpoint=trust_checkpoint)
+    # Memory-mapped: the file holds three full models (~1.4 GB at release size) but only the
+    # pages of the one asked for are ever read, and its tensors stay views of the file (no
+    # second copy when the module takes them with ``assign=True``). Files written in torch's
+    # legacy (non-zip) format cannot be mapped and are read whole.
+    obj = load_torch_file(ckpt, trust_checkpoint=trust_checkpoint, mmap=zipfile.is_zipfile(ckpt))
     if not isinstance(obj, Mapping) or not any(k in obj for k in SCFOUNDATION_WEIGHTS):
         keys = (
             f" with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping) else ""

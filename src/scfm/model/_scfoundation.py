@@ -48,6 +48,24 @@ _TASK_OPTIONS = {
 _MAX_CELL_GENE_FLOATS = 2**28
 
 
+def _materialize_missing_buffers(module: torch.nn.Module) -> None:
+    """Give the buffers a release may lack (left on the meta device) their initial zeros.
+
+    Only the Performer's redraw counter may be absent (``_keys_to_ignore_on_load_missing``);
+    it counts calls and starts at zero. Any other tensor left on the meta device (a weight,
+    a buffer that is not saved) would be a loading bug, so it raises.
+    """
+    saved = set(module.state_dict())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_meta:
+            continue
+        if isinstance(tensor, torch.nn.Parameter) or name not in saved:
+            raise CheckpointFormatError(f"The release did not provide {name!r}.")
+        owner, _, leaf = name.rpartition(".")
+        zeros = torch.zeros(tensor.shape, dtype=tensor.dtype)
+        module.get_submodule(owner).register_buffer(leaf, zeros)
+
+
 class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """scFoundation :cite:p:`Hao2024`: an asymmetric transformer over 19,264 human genes.
 
@@ -226,8 +244,13 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
                 "OS_scRNA_gene_index.19264.tsv that belongs to the checkpoint next to it."
             )
         config.check_state_dict(release.state_dict, what=what)
-        model = cls(adata, config=config, gene_list=genes, weights=weights)
-        load_state_dict_strict(model.module, release.state_dict, what=what)
+        # The module is built without memory (meta device) and takes the release's tensors
+        # as they are (``assign``): the weights are held once, as views of the mapped file,
+        # and no random initialisation is computed only to be overwritten.
+        with torch.device("meta"):
+            model = cls(adata, config=config, gene_list=genes, weights=weights)
+        load_state_dict_strict(model.module, release.state_dict, what=what, assign=True)
+        _materialize_missing_buffers(model.module)
         return model
 
     # ------------------------------------------------------------------ hooks

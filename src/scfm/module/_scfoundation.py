@@ -400,17 +400,13 @@ class ScFoundationEncoder(nn.Module):
     def forward_packed(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Inference over packed cells: ``x`` ``(sum(lengths), dim)``, one cell after another.
 
-        Cells run through all layers group by group (:data:`MAX_GROUP_TOKENS`), which keeps
-        activations small without changing the numbers.
+        Each cell attends to its own tokens only, so any grouping of the cells gives the same
+        numbers (:meth:`ScFoundationModule.encode_packed` runs groups of
+        :data:`MAX_GROUP_TOKENS`).
         """
-        out = torch.empty_like(x)
-        max_tokens = MAX_GROUP_TOKENS.get(x.device.type, MAX_GROUP_TOKENS["default"])
-        for group, rows in _token_groups(lengths, max_tokens):
-            h = x[rows]
-            for layer in self.transformer_encoder:
-                h = layer.forward_packed(h, group)
-            out[rows] = self.norm(h)
-        return out
+        for layer in self.transformer_encoder:
+            x = layer.forward_packed(x, lengths)
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """Padded minibatch ``x`` ``(b, n, dim)``; ``padding`` ``(b, n)`` is ``True`` at pads.
@@ -522,16 +518,42 @@ class ScFoundationModule(BaseModuleClass):
         Returns the encoder output ``(b, L, d)`` (after its final LayerNorm; zero at padding
         when packed), the position ids and the padding mask ``(b, L)`` of the gathered tokens.
         """
+        if not self.training:
+            packed, ids, padding = self.encode_packed(values, keep)
+            return _unpack(packed, padding), ids, padding
         gathered, ids, padding = scfoundation_gather(
             values, keep, pad_value=float(self.config.pad_token_id), pad_id=self.config.seq_len
         )
-        if self.training:
-            h = self.token_emb(gathered) + self.pos_emb(ids)
-            return self.encoder(h, padding), ids, padding
+        h = self.token_emb(gathered) + self.pos_emb(ids)
+        return self.encoder(h, padding), ids, padding
+
+    def encode_packed(
+        self, values: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference encoder output packed one cell after another: ``(sum(lengths), d)``.
+
+        Also returns the position ids and the padding mask ``(b, L)`` of the gathered tokens
+        (cell ``i`` has ``(~padding[i]).sum()`` rows, in gathered order).
+        """
+        gathered, ids, padding = scfoundation_gather(
+            values, keep, pad_value=float(self.config.pad_token_id), pad_id=self.config.seq_len
+        )
         valid = ~padding
-        h = self.token_emb(gathered[valid]) + self.pos_emb(ids[valid])
-        h = self.encoder.forward_packed(h, valid.sum(dim=1).tolist())
-        return h.new_zeros((*padding.shape, h.shape[-1])).index_put_((valid,), h), ids, padding
+        tokens, positions = gathered[valid], ids[valid]
+        # Groups of cells go through embedding and all layers one after another: only the
+        # output rows and one group's activations are held at a time (on CPU a group stays
+        # below glibc's mmap threshold, so its buffers are reused), whatever the minibatch.
+        max_tokens = MAX_GROUP_TOKENS.get(values.device.type, MAX_GROUP_TOKENS["default"])
+        out: torch.Tensor | None = None
+        for group, rows in _token_groups(valid.sum(dim=1).tolist(), max_tokens):
+            h = self.token_emb(tokens[rows]) + self.pos_emb(positions[rows])
+            h = self.encoder.forward_packed(h, group)
+            if out is None:
+                out = h.new_empty((len(tokens), h.shape[-1]))
+            out[rows] = h
+        if out is None:  # no cells
+            out = self.pos_emb.weight.new_empty((0, self.config.encoder_hidden_dim))
+        return out, ids, padding
 
     @staticmethod
     def pool(hidden: torch.Tensor, padding: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -554,6 +576,29 @@ class ScFoundationModule(BaseModuleClass):
         gmax = hidden.masked_fill(~genes[..., None], float("-inf")).amax(dim=1)
         gmean = (hidden * genes[..., None]).sum(dim=1) / (lengths - 2)[:, None]
         return torch.cat([last, second, gmax, gmean], dim=1)
+
+    @staticmethod
+    def pool_packed(hidden: torch.Tensor, lengths: list[int], pooling: Pooling) -> torch.Tensor:
+        """:meth:`pool` of packed encoder outputs ``(sum(lengths), d)``, cell by cell.
+
+        No padded ``(b, L, d)`` copy is made (it would be the largest buffer of an embedding
+        minibatch), and each cell is reduced over its own rows as the reference does.
+        """
+        out, start = [], 0
+        for m in lengths:
+            cell = hidden[start : start + m]
+            start += m
+            if pooling == "max":
+                out.append(cell.amax(dim=0))
+                continue
+            genes = cell[:-2]
+            if len(genes):
+                gmax, gmean = genes.amax(dim=0), genes.mean(dim=0)
+            else:  # no expressed gene: what the padded pooling gives (-inf, 0 / 0)
+                gmax = cell.new_full((cell.shape[1],), float("-inf"))
+                gmean = cell.new_full((cell.shape[1],), float("nan"))
+            out.append(torch.cat([cell[-1], cell[-2], gmax, gmean]))
+        return torch.stack(out)
 
     def decode(
         self,
@@ -727,9 +772,17 @@ class ScFoundationModule(BaseModuleClass):
             values = scfoundation_preprocess(x, kind, tgthighres, total_counts)
             keep, decoder_values = values > 0, values
         _check_depth(values, g)
-        encoded, ids, padding = self.encode(values, keep)
-        if pooling is not None:
-            out.cell_embedding = self.pool(encoded, padding, pooling)
+        if self.training:
+            encoded, ids, padding = self.encode(values, keep)
+            if pooling is not None:
+                out.cell_embedding = self.pool(encoded, padding, pooling)
+        else:
+            packed, ids, padding = self.encode_packed(values, keep)
+            if pooling is not None:
+                lengths = (~padding).sum(dim=1).tolist()
+                out.cell_embedding = self.pool_packed(packed, lengths, pooling)
+            if self.classifier is not None or decode is not None or mask:
+                encoded = _unpack(packed, padding)  # only the head and the decoder read it
         if self.classifier is not None and not mask:
             out.logits = self._classify(encoded, padding)
         if decode is not None or mask:
@@ -766,6 +819,12 @@ class ScFoundationModule(BaseModuleClass):
         per_cell = err.sum(dim=1) / masked.sum(dim=1).clamp(min=1)
         loss = err.sum() / masked.sum().clamp(min=1)
         return LossOutput(loss=loss, reconstruction_loss=per_cell, n_obs_minibatch=masked.shape[0])
+
+
+def _unpack(packed: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Packed rows ``(sum(lengths), d)`` into a zero-padded ``(b, L, d)`` minibatch."""
+    out = packed.new_zeros((*padding.shape, packed.shape[-1]))
+    return out.index_put_((~padding,), packed)
 
 
 def _check_depth(values: torch.Tensor, n_genes: int) -> None:
