@@ -50,9 +50,7 @@ def strip_version(ids: Sequence[str] | pd.Index) -> pd.Index:
     Symbols are returned unchanged. ``_PAR_Y`` suffixes (GENCODE's pseudo-autosomal copies)
     are kept so that they stay distinct from the X copy.
     """
-    idx = pd.Index(
-        [str(x).upper() if _ANY_CASE_ENSEMBL_RE.match(str(x)) else str(x) for x in ids]
-    )
+    idx = pd.Index([str(x).upper() if _ANY_CASE_ENSEMBL_RE.match(str(x)) else str(x) for x in ids])
     return pd.Index([_VERSION_RE.sub(lambda m: m.group(1) + (m.group(2) or ""), x) for x in idx])
 
 
