@@ -243,15 +243,17 @@ class BertEmbeddings(nn.Module):
                 f"Sequence length {seq_len} exceeds max_position_embeddings="
                 f"{self.position_embeddings.num_embeddings}; truncate the input."
             )
-        x = _add_residual(
-            self.word_embeddings(input_ids), self.position_embeddings.weight[:seq_len]
-        )
+        # HF's order: (word + token type) + position. float32 addition is not associative,
+        # and the last bit matters where rank statistics of the outputs are compared
+        # (perturbation p-values); in this order the states equal HF's bit for bit.
+        x = self.word_embeddings(input_ids)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 # HF uses token type 0 everywhere when none are given.
                 x = _add_residual(x, self.token_type_embeddings.weight[0])
             else:
                 x = _add_residual(x, self.token_type_embeddings(token_type_ids))
+        x = _add_residual(x, self.position_embeddings.weight[:seq_len])
         if self.LayerNorm is not None:
             x = self.LayerNorm(x)
         return self.dropout(x)

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from scfm.errors import InvalidInputError
-from scfm.nn._bert import BertEmbeddings
 
 __all__ = ["CountEncoder", "RankEncoder", "Unit", "make_encoder"]
 
@@ -542,30 +541,11 @@ def _token_lists(model: Any, adata: ad.AnnData, cells: np.ndarray) -> list[np.nd
     return [np.asarray(r[:n], dtype=np.int64) for r, n in zip(ids, lengths)]
 
 
-def _embedding_output(embeddings: Any, ids: torch.Tensor) -> torch.Tensor:
-    """The BERT embedding output summed in the reference's order (HF ``BertEmbeddings``).
-
-    HF adds word + token type first, then position; float32 addition is not associative, so
-    another order moves the embedding output by an ulp, every layer after it, and the
-    goal-state shifts (differences of cosines ~1e-3) by ~1e-7. The reference's p-values are
-    rank statistics of those shifts, where one ulp can swap two near-equal values (2.8e-3
-    relative p-value error on the fixture); in this order the states are bitwise the
-    reference's. Inference only (dropout is the identity in eval mode).
-    """
-    if type(embeddings) is not BertEmbeddings:
-        return embeddings(ids)  # another layout (scCello adds its own tables): its own order
-    x = embeddings.word_embeddings(ids)
-    if embeddings.token_type_embeddings is not None:
-        x = x + embeddings.token_type_embeddings.weight[0]  # token type 0, as HF
-    x = x + embeddings.position_embeddings.weight[: ids.shape[1]]
-    return x if embeddings.LayerNorm is None else embeddings.LayerNorm(x)
-
-
 def _bert_hidden(module: Any, layer_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``ids -> states`` of ``(embedding output, layer 1, ...)[layer_index]`` of ``module.bert``."""
 
     def hidden(ids: torch.Tensor) -> torch.Tensor:
-        x = _embedding_output(module.bert.embeddings, ids)
+        x = module.bert.embeddings(ids)
         if layer_index == 0:
             return x
         return module.bert(ids, inputs_embeds=x, num_layers=layer_index).last_hidden_state
@@ -583,7 +563,7 @@ def _bert_hidden_padded(
     """
 
     def hidden(ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        x = _embedding_output(module.bert.embeddings, ids)
+        x = module.bert.embeddings(ids)
         if layer_index == 0:
             return x
         return module.bert.encoder(x, real[:, None, None, :], num_layers=layer_index)[0]
