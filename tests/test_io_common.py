@@ -118,3 +118,24 @@ def test_strict_loading_reports_every_problem():
     good = {k: torch.full_like(v, 2.0) for k, v in module.state_dict().items()}
     load_state_dict_strict(module, good)
     assert torch.all(module[1].bias == 2.0)
+
+
+class _WithDerived(torch.nn.Module):
+    """A weight from the file plus a buffer computed in ``__init__`` (not saved)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.register_buffer("freqs", torch.arange(3.0), persistent=False)
+
+
+def test_assign_into_a_meta_module_takes_the_tensors_and_names_what_is_left_unset():
+    weights = {"lin.weight": torch.randn(2, 2), "lin.bias": torch.randn(2)}
+    with torch.device("meta"):
+        module = torch.nn.Linear(2, 2)
+    load_state_dict_strict(module, {k[4:]: v for k, v in weights.items()}, assign=True)
+    assert module.weight.data_ptr() == weights["lin.weight"].data_ptr()  # held once
+    with torch.device("meta"):
+        derived = _WithDerived()
+    with pytest.raises(CheckpointFormatError, match="freqs"):
+        load_state_dict_strict(derived, weights, what="w.pt", assign=True)

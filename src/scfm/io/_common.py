@@ -319,7 +319,9 @@ def load_state_dict_strict(
     assign
         Use the given tensors as the module's parameters instead of copying them
         (:meth:`torch.nn.Module.load_state_dict`'s ``assign``; for modules built on the meta
-        device, so weights are never held twice).
+        device, so weights are never held twice). Every tensor still on the meta device
+        afterwards is an error, except the optional ones the file lacks, which the caller
+        initialises.
 
     Notes
     -----
@@ -333,7 +335,8 @@ def load_state_dict_strict(
     CheckpointKeyError
         Listing every missing, unexpected and mis-shaped key.
     CheckpointFormatError
-        If a tensor holds NaN or inf values.
+        If a tensor holds NaN or inf values, or (``assign``) a required tensor of a module
+        built on the meta device got no value.
     """
     target = module.state_dict()
     ignore = set(ignore_unexpected) | set(
@@ -361,3 +364,14 @@ def load_state_dict_strict(
     module.load_state_dict(
         {k: v for k, v in provided.items() if k in target}, strict=not optional, assign=assign
     )
+    if assign:  # a module built on the meta device must now hold every required tensor
+        unset = sorted(
+            name
+            for name, tensor in (*module.named_parameters(), *module.named_buffers())
+            if tensor.is_meta and name not in optional
+        )
+        if unset:
+            raise CheckpointFormatError(
+                f"{what} provides no value for {', '.join(unset)} of {type(module).__name__}, "
+                "which was built without values; this release layout is not supported."
+            )
