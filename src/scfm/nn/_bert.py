@@ -52,10 +52,12 @@ __all__ = [
 
 #: Bytes of the largest per-group buffer at inference (the ``[tokens, max(3H, intermediate)]``
 #: Q/K/V or MLP activation): how many tokens of whole cells go through the encoder at once
-#: (at least one cell). 128 MiB: ~10,900 tokens (five ~2,000-gene cells) at V2 width, ~43,700
-#: at width 256. Measured on 2 shared cores: with 2 threads, smaller groups (16-64 MiB) were
-#: 5-30% slower (more, shorter parallel regions); with 1 thread they were 3-7% faster.
-GROUP_BYTES = 128 * 2**20
+#: (at least one cell). 32 MiB: ~2,700 tokens (one ~2,000-gene cell) at V2 width, ~10,900
+#: (five cells) at width 256. On a quiet 2-core machine (2 threads, 3 alternating runs),
+#: 32 MiB against 128 MiB: V1-10M 16 cells 3.70 vs 4.07 s and peak RSS 1.06 vs 1.12 GB;
+#: V2-104M 4 cells 11.54 vs 11.56 s, same peak. (Under heavy load 2-thread runs of small
+#: groups were slower, 1-thread runs faster.)
+GROUP_BYTES = 32 * 2**20
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
