@@ -94,6 +94,39 @@ def worker_report(**fields: Any) -> None:
     print(RESULT_PREFIX + json.dumps(fields), flush=True)
 
 
+def scfm_embedding_worker(
+    args: Any,
+    model_class: str,
+    *,
+    setup: dict[str, Any] | None = None,
+    load: dict[str, Any] | None = None,
+) -> None:
+    """The scfm side of an embedding benchmark, the same for every model.
+
+    Reads ``args.data``, registers it with ``scfm.model.<model_class>`` (``setup``: extra
+    ``setup_anndata`` arguments), loads the release ``args.release`` (``load``: extra
+    ``from_pretrained`` arguments; loading is not timed), times ``get_latent_representation``
+    (``args.batch_size``), saves the embedding to ``args.out`` and reports.
+    """
+    import anndata as ad
+    import numpy as np
+
+    import scfm
+
+    set_threads(args.threads)
+    adata = ad.read_h5ad(args.data)
+    cls = getattr(scfm.model, model_class)
+    cls.setup_anndata(adata, **(setup or {}))
+    model = cls.from_pretrained(args.release, adata, **(load or {}))
+    peak = matmul_peak_gflops()
+    with Timer() as t:
+        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
+    np.save(args.out, np.asarray(z, dtype=np.float32))
+    # the machine may be shared: the higher of the rates before and after the timed call
+    peak = max(peak, matmul_peak_gflops())
+    worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+
+
 def emit_result(**fields: Any) -> None:
     """Print a per-model script's final ``RESULT {json}`` line (all RESULT_KEYS present)."""
     out = {k: fields.pop(k, None) for k in RESULT_KEYS}

@@ -126,22 +126,8 @@ def cellplm_flops(nnz: float, n_cells: int) -> float:
 
 # --------------------------------------------------------------------------- workers
 def worker_scfm(args) -> None:
-    import anndata as ad
-    import numpy as np
-
-    import scfm
-
-    C.set_threads(args.threads)
-    adata = ad.read_h5ad(args.data)
-    scfm.model.CellPLM.setup_anndata(adata, batch_key="batch")  # the reference's sentences
-    model = scfm.model.CellPLM.from_pretrained(args.release, adata, prefix=PREFIX)
-    peak = C.matmul_peak_gflops()
-    with C.Timer() as t:
-        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
-    np.save(args.out, np.asarray(z, dtype=np.float32))
-    # the machine may be shared: the higher of the rates before and after the timed call
-    peak = max(peak, C.matmul_peak_gflops())
-    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+    # the reference's sentences: its "batch" column
+    C.scfm_embedding_worker(args, "CellPLM", setup={"batch_key": "batch"}, load={"prefix": PREFIX})
 
 
 def worker_reference(args) -> None:

@@ -214,22 +214,7 @@ def token_lengths(data: Path, release: Path, variant: str) -> list[int]:
 
 # --------------------------------------------------------------------------- workers
 def worker_scfm(args) -> None:
-    import anndata as ad
-    import numpy as np
-
-    import scfm
-
-    C.set_threads(args.threads)
-    adata = ad.read_h5ad(args.data)
-    scfm.model.Geneformer.setup_anndata(adata)
-    model = scfm.model.Geneformer.from_pretrained(args.release, adata)
-    peak = C.matmul_peak_gflops()
-    with C.Timer() as t:
-        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
-    np.save(args.out, np.asarray(z, dtype=np.float32))
-    # the machine may be shared: the higher of the rates before and after the timed call
-    peak = max(peak, C.matmul_peak_gflops())
-    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+    C.scfm_embedding_worker(args, "Geneformer")
 
 
 def _cpu_only_cuda() -> None:

@@ -129,22 +129,7 @@ def encoder_flops(lengths: list[int]) -> float:
 
 # --------------------------------------------------------------------------- workers
 def worker_scfm(args) -> None:
-    import anndata as ad
-    import numpy as np
-
-    import scfm
-
-    C.set_threads(args.threads)
-    adata = ad.read_h5ad(args.data)
-    scfm.model.ScFoundation.setup_anndata(adata)
-    model = scfm.model.ScFoundation.from_pretrained(args.release, adata)
-    peak = C.matmul_peak_gflops()
-    with C.Timer() as t:
-        z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
-    np.save(args.out, np.asarray(z, dtype=np.float32))
-    # the machine may be shared: the higher of the rates before and after the timed call
-    peak = max(peak, C.matmul_peak_gflops())
-    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+    C.scfm_embedding_worker(args, "ScFoundation")
 
 
 def worker_reference(args) -> None:
