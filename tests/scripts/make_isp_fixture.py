@@ -38,8 +38,10 @@ from typing import Any
 
 import numpy as np
 
-#: The real dictionaries (``../shared/vocab/geneformer`` next to the repository).
-DEFAULT_VOCAB = Path(__file__).resolve().parents[3] / "shared" / "vocab" / "geneformer"
+#: The real dictionaries the package ships (``src/scfm/data/resources/geneformer``).
+DEFAULT_VOCAB = (
+    Path(__file__).resolve().parents[2] / "src" / "scfm" / "data" / "resources" / "geneformer"
+)
 #: Files whose hard-coded ``"cuda"`` device the scratch copy maps to the CPU.
 CUDA_FILES = ("emb_extractor.py", "perturber_utils.py", "in_silico_perturber.py")
 RUN_METHODS = (
