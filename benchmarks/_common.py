@@ -284,6 +284,14 @@ def add_cli(parser, reference_help: str) -> None:
         parser.add_argument(a, help="(internal)")
 
 
+def run_worker_if_asked(args, **workers) -> bool:
+    """In a worker process (``--worker SIDE``), run ``workers[SIDE](args)`` and return True."""
+    if not args.worker:
+        return False
+    workers[args.worker](args)
+    return True
+
+
 def run_sides(script: str, name: str, args, common: list[str]) -> tuple[dict, dict, str, dict]:
     """Run the scfm worker then the baseline worker (reference or mirror) of ``script``.
 
@@ -362,6 +370,21 @@ def summarise(
                 out[f"baseline_{k}"] = baseline[k]
     out.update(extra or {})
     return out
+
+
+def report(
+    model: str,
+    scfm: dict,
+    baseline: dict,
+    baseline_kind: str,
+    flops: float | None,
+    extra: dict | None = None,
+) -> dict:
+    """:func:`summarise` the two sides, print the summary and the ``RESULT`` line; return it."""
+    res = summarise(model, scfm, baseline, baseline_kind, flops, extra)
+    print_summary(res)
+    emit_result(**res)
+    return res
 
 
 def print_summary(res: dict) -> None:

@@ -353,9 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_cli(parser, "checkout of biomed-AI/CellFM (run with a MindSpore interpreter)")
     args = parser.parse_args(argv)
-    if args.worker:
-        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
-        workers[args.worker](args)
+    if C.run_worker_if_asked(
+        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
+    ):
         return {}
     n = args.cells or (QUICK_CELLS if args.quick else CELLS)
     work = C.work_dir(args.work_dir)
@@ -366,10 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = ad.read_h5ad(data).X
     tokens = float((x > 0).sum()) + n  # + CLS; no cell exceeds the 2,047-gene cap
     extra = {"cells": n, "mean_tokens": tokens / n, **cmp}
-    res = C.summarise("cellfm", scfm, base, kind, cellfm_flops(tokens), extra)
-    C.print_summary(res)
-    C.emit_result(**res)
-    return res
+    return C.report("cellfm", scfm, base, kind, cellfm_flops(tokens), extra)
 
 
 if __name__ == "__main__":

@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_cli(parser, "checkout of OmicsML/CellPLM (or the unpacked cellplm wheel)")
     args = parser.parse_args(argv)
-    if args.worker:
-        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
-        workers[args.worker](args)
+    if C.run_worker_if_asked(
+        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
+    ):
         return {}
     n = args.cells or (QUICK_CELLS if args.quick else CELLS)
     work = C.work_dir(args.work_dir)
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     scfm, base, kind, cmp = C.run_sides(__file__, "cellplm", args, common)
     nnz = ad.read_h5ad(data).X.nnz
     extra = {"cells": n, "nnz_per_cell": nnz / n, **cmp}
-    res = C.summarise("cellplm", scfm, base, kind, cellplm_flops(nnz, n), extra)
-    C.print_summary(res)
-    C.emit_result(**res)
-    return res
+    return C.report("cellplm", scfm, base, kind, cellplm_flops(nnz, n), extra)
 
 
 if __name__ == "__main__":

@@ -392,9 +392,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="V1")
     C.add_cli(parser, "checkout of ctheodoris/Geneformer")
     args = parser.parse_args(argv)
-    if args.worker:
-        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
-        workers[args.worker](args)
+    if C.run_worker_if_asked(
+        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
+    ):
         return {}
     n = args.cells or (QUICK_CELLS if args.quick else CELLS)[args.variant]
     work = C.work_dir(args.work_dir)
@@ -411,10 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = token_lengths(data, release, args.variant)
     flops = C.bert_flops(lengths, spec["hidden"], spec["ffn"], spec["layers"] - 1)
     extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
-    res = C.summarise(f"geneformer-{args.variant}", scfm, base, kind, flops, extra)
-    C.print_summary(res)
-    C.emit_result(**res)
-    return res
+    return C.report(f"geneformer-{args.variant}", scfm, base, kind, flops, extra)
 
 
 if __name__ == "__main__":

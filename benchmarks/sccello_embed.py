@@ -302,9 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_cli(parser, "checkout of DeepGraphLearning/scCello")
     args = parser.parse_args(argv)
-    if args.worker:
-        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
-        workers[args.worker](args)
+    if C.run_worker_if_asked(
+        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
+    ):
         return {}
     n = args.cells or (QUICK_CELLS if args.quick else CELLS)
     work = C.work_dir(args.work_dir)
@@ -315,10 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = token_lengths(data, release)
     flops = C.bert_flops(lengths, HIDDEN, FFN, LAYERS)
     extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
-    res = C.summarise("sccello", scfm, base, kind, flops, extra)
-    C.print_summary(res)
-    C.emit_result(**res)
-    return res
+    return C.report("sccello", scfm, base, kind, flops, extra)
 
 
 if __name__ == "__main__":

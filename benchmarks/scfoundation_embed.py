@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_cli(parser, "checkout of biomap-research/scFoundation (or its model/ folder)")
     args = parser.parse_args(argv)
-    if args.worker:
-        workers = {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}
-        workers[args.worker](args)
+    if C.run_worker_if_asked(
+        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
+    ):
         return {}
     n = args.cells or (QUICK_CELLS if args.quick else CELLS)
     work = C.work_dir(args.work_dir)
@@ -254,10 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     scfm, base, kind, cmp = C.run_sides(__file__, "scfoundation", args, common)
     lengths = token_lengths(data)
     extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
-    res = C.summarise("scfoundation", scfm, base, kind, encoder_flops(lengths), extra)
-    C.print_summary(res)
-    C.emit_result(**res)
-    return res
+    return C.report("scfoundation", scfm, base, kind, encoder_flops(lengths), extra)
 
 
 if __name__ == "__main__":
