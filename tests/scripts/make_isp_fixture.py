@@ -532,8 +532,24 @@ def run_reference(out: Path, var: Variant, args: argparse.Namespace, picks: dict
         isp.perturb_data(str(ckpt), data_file, str(run_dir), name)
         return isp, full
 
+    def perturb_raw(name: str, kw: dict, run_dir: Path) -> tuple[Any, dict, dict]:
+        """One reference run and its raw arrays."""
+        isp, full = perturb(name, kw, run_dir)
+        genes = kw["genes_to_perturb"]
+        pert_tokens = [] if genes == "all" else [int(token_dict[g]) for g in genes]
+        arrays = raw_arrays(
+            run_dir,
+            seen["cells"],
+            tokens_of,
+            id_of,
+            pert_tokens,
+            "cell_states_to_model" in kw,
+            specials,
+        )
+        return isp, full, arrays
+
     for name, kw in runs.items():
-        isp, full = perturb(name, kw, work / "runs" / name)
+        isp, full, arrays = perturb_raw(name, kw, work / "runs" / name)
         recorded = {
             k: ("<state_embs_dict>" if k == "state_embs_dict" else v) for k, v in full.items()
         }
@@ -542,17 +558,6 @@ def run_reference(out: Path, var: Variant, args: argparse.Namespace, picks: dict
             "emb_mode_effective": isp.emb_mode,
             "n_cells_processed": len(seen["cells"]),
         }
-        genes = kw["genes_to_perturb"]
-        pert_tokens = [] if genes == "all" else [int(token_dict[g]) for g in genes]
-        arrays = raw_arrays(
-            work / "runs" / name,
-            seen["cells"],
-            tokens_of,
-            id_of,
-            pert_tokens,
-            "cell_states_to_model" in kw,
-            specials,
-        )
         if kw.get("anchor_gene"):
             arrays["anchor_gene"] = np.asarray(kw["anchor_gene"])
         np.savez_compressed(raw_dir / f"{name}.npz", **arrays)
@@ -620,18 +625,7 @@ def run_reference(out: Path, var: Variant, args: argparse.Namespace, picks: dict
     tolerances = {}
     for name in args.sensitivity_runs:
         kw = dict(runs[name], forward_batch_size=1)
-        perturb(name, kw, work / "fbs1" / name)
-        genes = kw["genes_to_perturb"]
-        pert_tokens = [] if genes == "all" else [int(token_dict[g]) for g in genes]
-        again = raw_arrays(
-            work / "fbs1" / name,
-            seen["cells"],
-            tokens_of,
-            id_of,
-            pert_tokens,
-            "cell_states_to_model" in kw,
-            specials,
-        )
+        _, _, again = perturb_raw(name, kw, work / "fbs1" / name)
         saved = np.load(raw_dir / f"{name}.npz")
         for key in saved.files:
             if saved[key].dtype == np.float32:
