@@ -216,55 +216,21 @@ def test_output_problems_exit_2_before_any_work(tmp_path, gf, capsys, monkeypatc
         (_embed_args(gf, tmp_path / "o.h5ad", "--option", "n_heads"), "NAME=VALUE"),
         (_embed_args(gf, tmp_path / "o.h5ad", "--batch-size", "0"), "--batch-size must be"),
         (
-            [
-                "embed",
-                str(embedded),
-                "--model",
-                "geneformer",
-                "--checkpoint",
-                "c",
-                "--output",
-                str(tmp_path / "o.h5ad"),
-            ],
+            _embed_args({"input": str(embedded), "checkpoint": "c"}, tmp_path / "o.h5ad"),
             "INPUT already has .obsm['X_geneformer']. Choose another name with --key-added",
         ),
         (
-            [
-                "embed",
-                str(text),
-                "--model",
-                "geneformer",
-                "--checkpoint",
-                "c",
-                "--output",
-                str(tmp_path / "o.h5ad"),
-            ],
+            _embed_args({"input": str(text), "checkpoint": "c"}, tmp_path / "o.h5ad"),
             "is not an .h5ad (HDF5) file",
         ),
         (
-            [
-                "embed",
-                str(zarr),
-                "--model",
-                "geneformer",
-                "--checkpoint",
-                "c",
-                "--output",
-                str(tmp_path / "o.h5ad"),
-            ],
+            _embed_args({"input": str(zarr), "checkpoint": "c"}, tmp_path / "o.h5ad"),
             "is a directory, not an .h5ad file (a .zarr store?",
         ),
         (
-            [
-                "embed",
-                str(tmp_path / "nope.h5ad"),
-                "--model",
-                "geneformer",
-                "--checkpoint",
-                "c",
-                "--output",
-                str(tmp_path / "o.h5ad"),
-            ],
+            _embed_args(
+                {"input": str(tmp_path / "nope.h5ad"), "checkpoint": "c"}, tmp_path / "o.h5ad"
+            ),
             "does not exist",
         ),
     ]
@@ -289,18 +255,7 @@ def test_hdf5_that_is_not_anndata_is_refused(tmp_path, capsys):
     path = tmp_path / "weights.h5"
     with h5py.File(path, "w") as f:
         f["w"] = np.zeros(3)
-    code = main(
-        [
-            "embed",
-            str(path),
-            "--model",
-            "geneformer",
-            "--checkpoint",
-            "c",
-            "--output",
-            str(tmp_path / "o.h5ad"),
-        ]
-    )
+    code = main(_embed_args({"input": str(path), "checkpoint": "c"}, tmp_path / "o.h5ad"))
     assert code == 2
     assert "not an AnnData .h5ad" in capsys.readouterr().err
 
