@@ -25,7 +25,7 @@ from scfm.data._cellplm_sentences import (
     spatial_tiles,
 )
 from scfm.data._genes import GeneAlignment, align_genes, strip_version
-from scfm.data._loader import CellDataset, GeneSpace, make_loader
+from scfm.data._loader import GeneSpace
 from scfm.data._validation import check_spatial
 from scfm.errors import InvalidInputError
 from scfm.io._common import load_state_dict_strict
@@ -36,7 +36,6 @@ from scfm.nn._spatial_encoding import Sinusoidal2dPE, normalize_coordinates
 if TYPE_CHECKING:
     from scvi.data import AnnDataManager
 
-    from scfm.model.base._foundation import _Call
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +112,8 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
     #: Most cells per forward pass; whole sentences are packed up to this size.
     _default_batch_size: ClassVar[int] = 4096
     _has_decoder: ClassVar[bool] = True
+    #: the embedder reads only the genes expressed in a minibatch: no (cells, n_vocab) matrix
+    _compact_minibatches: ClassVar[bool] = True
     #: Columns the reference reads without being told (``obs["batch"]`` for sentences,
     #: ``obsm["spatial"]``); scfm reads only what ``setup_anndata`` names, and the CLI notes
     #: these when an input has them but they were not named.
@@ -352,22 +353,6 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 batch_size,
             )
         return cellplm_pack_sentences(sentence, batch_size)
-
-    def _loader(self, call: _Call):
-        """The call's data loader, with compact minibatches (no ``(cells, n_vocab)`` matrix).
-
-        The embedder reads only the genes expressed in a minibatch, so the loader passes only
-        those columns.
-        """
-        dataset = CellDataset(
-            call.manager,
-            call.cells,
-            call.space,
-            call.plan,
-            check=self._value_check(call.adata),
-            compact=True,
-        )
-        return make_loader(dataset, call.groups)
 
     # ------------------------------------------------------------------ training
     def train(

@@ -158,6 +158,9 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
     _length_window_batches: ClassVar[int] = 64
     #: Whether the module decodes expression (``ModuleOutput.expression``).
     _has_decoder: ClassVar[bool] = False
+    #: Whether inference minibatches carry only the genes expressed in them
+    #: (``CellDataset(compact=True)``), for modules whose input reads only those genes.
+    _compact_minibatches: ClassVar[bool] = False
     #: setup_anndata arguments naming columns a query AnnData may lack (inference does not
     #: read them).
     _query_optional_args: ClassVar[tuple[str, ...]] = ("batch_key", "labels_key")
@@ -679,7 +682,12 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
     def _loader(self, call: _Call):
         """The call's one data loader: checked minibatches in the model's gene space."""
         dataset = CellDataset(
-            call.manager, call.cells, call.space, call.plan, check=self._value_check(call.adata)
+            call.manager,
+            call.cells,
+            call.space,
+            call.plan,
+            check=self._value_check(call.adata),
+            compact=self._compact_minibatches,
         )
         return make_loader(dataset, call.groups)
 
