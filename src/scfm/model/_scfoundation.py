@@ -52,14 +52,14 @@ def _materialize_missing_buffers(module: torch.nn.Module) -> None:
     """Give the buffers a release may lack (left on the meta device) their initial zeros.
 
     Only the Performer's redraw counter may be absent (``_keys_to_ignore_on_load_missing``);
-    it counts calls and starts at zero. Any other tensor left on the meta device (a weight,
-    a buffer that is not saved) would be a loading bug, so it raises.
+    it counts calls and starts at zero. ``load_state_dict_strict(assign=True)`` has already
+    refused every required tensor left without a value; an optional weight (a classifier
+    head) left so is refused here.
     """
-    saved = set(module.state_dict())
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if not tensor.is_meta:
             continue
-        if isinstance(tensor, torch.nn.Parameter) or name not in saved:
+        if isinstance(tensor, torch.nn.Parameter):
             raise CheckpointFormatError(f"The release did not provide {name!r}.")
         owner, _, leaf = name.rpartition(".")
         zeros = torch.zeros(tensor.shape, dtype=tensor.dtype)
