@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -538,3 +539,50 @@ def test_gene_id_key_with_symbols(fx, expected):
     scfm.model.CellPLM.setup_anndata(adata, gene_id_key="ensembl_id", batch_key="batch")
     model = scfm.model.CellPLM.from_pretrained(fx / "checkpoint", adata, prefix=VAE)
     _close(_z(model), expected["cell_embeddings"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps")
+def test_weights_inference_never_reads_stay_out_of_memory(fx, tmp_path):
+    """The .best.ckpt is memory-mapped and checked a window at a time: after loading and
+    embedding, the pages of the decoder (which embedding never reads) are not resident, yet
+    the decoder is there when asked for (expression) and a NaN in it is still refused."""
+    batches, dec_hid = 4000, 512  # a covariate table of 8 MB, far above page granularity
+    raw = json.loads((fx / "checkpoint" / f"{VAE}.config.json").read_text())
+    state = torch.load(fx / "checkpoint" / f"{VAE}.best.ckpt", weights_only=True)
+    module = scfm.module.CellPLMModule(
+        scfm.module.CellPLMConfig.from_dict({**raw, "batch_num": batches, "dec_hid": dec_hid})
+    )
+    decoder = {"decoder." + k: v for k, v in module.decoder.state_dict().items()}
+    decoder_bytes = sum(v.nbytes for v in decoder.values())
+    assert decoder_bytes > 8e6
+    sd = {k: v for k, v in state["model_state_dict"].items() if not k.startswith("decoder.")}
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / f"{VAE}.config.json").write_text(
+        json.dumps({**raw, "batch_num": batches, "dec_hid": dec_hid})
+    )
+    ckpt = release / f"{VAE}.best.ckpt"
+    torch.save({"model_state_dict": {**sd, **decoder}}, ckpt)
+
+    def resident(path):
+        """Resident bytes of this process's mappings of ``path``."""
+        total, mapped = 0, False
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                mapped = line.rstrip().endswith(str(path))
+            elif mapped and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+        return total
+
+    adata = _adata(fx)
+    model = scfm.model.CellPLM.from_pretrained(release, adata)
+    assert np.isfinite(_z(model)).all()
+    assert resident(ckpt) < ckpt.stat().st_size - decoder_bytes / 2
+    assert np.isfinite(_expr(model).to_numpy()).all()  # the decoder is read when needed
+    del model
+    bad = {k: v.clone() for k, v in decoder.items()}
+    bad["decoder.covariate_layers.0.batch.0.weight"][-1, -1] = float("nan")
+    torch.save({"model_state_dict": {**sd, **bad}}, ckpt)
+    with pytest.raises(CheckpointFormatError, match=r"covariate_layers\.0\.batch\.0\.weight"):
+        scfm.model.CellPLM.from_pretrained(release, adata)

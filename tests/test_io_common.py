@@ -139,3 +139,24 @@ def test_assign_into_a_meta_module_takes_the_tensors_and_names_what_is_left_unse
         derived = _WithDerived()
     with pytest.raises(CheckpointFormatError, match="freqs"):
         load_state_dict_strict(derived, weights, what="w.pt", assign=True)
+
+
+def test_windowed_finite_check_of_a_mapped_file_names_every_bad_tensor(tmp_path, monkeypatch):
+    """check_finite_torch_file maps the file once per window (here a few tensors each) and
+    still names every NaN / inf tensor, wherever it lies; clean files pass."""
+    import scfm.io._common as common
+
+    state = {f"layer{i}.weight": torch.randn(64, 64) for i in range(12)}
+    state["step"] = torch.tensor(3)  # integer tensors are not checked
+    path = tmp_path / "w.ckpt"
+    torch.save({"model_state_dict": state, "epoch": 1}, path)
+    monkeypatch.setattr(common, "_FINITE_WINDOW_BYTES", 3 * 64 * 64 * 4)
+    select = lambda obj: obj["model_state_dict"]  # noqa: E731
+    common.check_finite_torch_file(path, select)
+    state["layer0.weight"][5, 5] = float("nan")
+    state["layer11.weight"][63, 63] = float("inf")
+    torch.save({"model_state_dict": state}, path)
+    with pytest.raises(CheckpointFormatError) as err:
+        common.check_finite_torch_file(path, select)
+    assert "layer0.weight" in str(err.value) and "layer11.weight" in str(err.value)
+    assert "layer5.weight" not in str(err.value)

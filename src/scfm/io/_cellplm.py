@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,12 @@ import pandas as pd
 import torch
 
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError
-from scfm.io._common import Release, check_finite_state_dict, load_torch_file
+from scfm.io._common import (
+    Release,
+    check_finite_state_dict,
+    check_finite_torch_file,
+    load_torch_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +37,6 @@ __all__ = [
 
 CONFIG_SUFFIX = ".config.json"
 CKPT_SUFFIX = ".best.ckpt"
-#: Elements checked for NaN / inf at a time (bounds the check's temporary memory).
-FINITE_CHECK_ELEMENTS = 1 << 20
 
 
 def find_cellplm_checkpoint(
@@ -181,10 +185,18 @@ def read_cellplm_config(path: str | os.PathLike) -> tuple[dict[str, Any], list[s
 def read_cellplm_state_dict(
     path: str | os.PathLike, *, trust_checkpoint: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Read the weights (``model_state_dict`` entry) of ``<prefix>.best.ckpt`` on CPU."""
-    obj = load_torch_file(path, trust_checkpoint=trust_checkpoint)
-    if isinstance(obj, dict) and "model_state_dict" in obj:
-        obj = obj["model_state_dict"]
+    """Read the weights (``model_state_dict`` entry) of ``<prefix>.best.ckpt`` on CPU.
+
+    Every floating tensor is checked for NaN / inf, also those the forward never uses (a NaN
+    there still means a bad file). A zip-format file (every release) is memory-mapped: the
+    tensors stay views of the file, so the weights are held once when the module takes them
+    (``assign=True``) and what inference never reads (the decoder, the rows of genes absent
+    from the data, the positional table) never enters memory. Load it with
+    ``load_state_dict_strict(..., check_finite=False)``: the check was made here, a window of
+    the file at a time (:func:`~scfm.io._common.check_finite_torch_file`).
+    """
+    mapped = zipfile.is_zipfile(path)
+    obj = _model_state(load_torch_file(path, trust_checkpoint=trust_checkpoint, mmap=mapped))
     if (
         not isinstance(obj, dict)
         or not obj
@@ -194,12 +206,15 @@ def read_cellplm_state_dict(
             f"{str(path)!r} holds no 'model_state_dict' of tensors: it is not a CellPLM "
             ".best.ckpt file."
         )
-    # every tensor, also those the forward never uses (a NaN there still means a bad file);
-    # in slices, as the check's temporaries are the size of what it is given (the 19,374 x
-    # 1,024 gene embedding would need ~120 MB more at once)
-    for name, tensor in obj.items():
-        flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), FINITE_CHECK_ELEMENTS):
-            part = {name: flat[start : start + FINITE_CHECK_ELEMENTS]}
-            check_finite_state_dict(part, what=str(path))
+    if mapped:
+        check_finite_torch_file(path, _model_state, trust_checkpoint=trust_checkpoint)
+    else:  # torch's legacy format is read whole
+        check_finite_state_dict(obj, what=str(path))
     return dict(obj)
+
+
+def _model_state(obj: Any) -> Any:
+    """The ``model_state_dict`` entry of a ``.best.ckpt`` (or the object, if it has none)."""
+    if isinstance(obj, dict) and "model_state_dict" in obj:
+        return obj["model_state_dict"]
+    return obj

@@ -16,7 +16,7 @@ import os
 import pickle
 import pickletools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Release",
     "check_finite_state_dict",
+    "check_finite_torch_file",
     "load_pickle_dict",
     "load_safetensors_file",
     "load_state_dict_strict",
@@ -278,12 +279,71 @@ def check_finite_state_dict(state_dict: Mapping[str, torch.Tensor], *, what: str
         for name, tensor in state_dict.items()
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not _all_finite(tensor)
     ]
+    _raise_nonfinite(bad, what)
+
+
+def _raise_nonfinite(bad: list[str], what: str) -> None:
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointFormatError(
             f"{what} holds NaN or infinite values in {shown}. The file is damaged or was saved "
             "from a diverged run; use another copy of the release."
         )
+
+
+#: Bytes of a memory-mapped file that :func:`check_finite_torch_file` reads per mapping.
+_FINITE_WINDOW_BYTES = 64 << 20
+
+
+def check_finite_torch_file(
+    path: str | os.PathLike,
+    select: Callable[[Any], Mapping[str, torch.Tensor]],
+    *,
+    trust_checkpoint: bool = False,
+) -> None:
+    """:func:`check_finite_state_dict` of a zip-format torch file, a window at a time.
+
+    A tensor of a memory-mapped file (``torch.load(mmap=True)``) costs no memory until it is
+    read; reading it makes its pages resident for as long as the file stays mapped. Checking
+    the tensors of the mapping a model then keeps would hold the whole file in memory, also
+    the tensors the model never reads (heads, decoders, rows of genes absent from the data).
+    So the file is mapped once per window of ~64 MB of tensors, checked and unmapped; the
+    caller maps it once more for the model and loads with ``check_finite=False``.
+
+    Parameters
+    ----------
+    path
+        A zip-format torch file (:func:`zipfile.is_zipfile`).
+    select
+        Returns the state dict to check from the loaded object (e.g. its
+        ``"model_state_dict"`` entry); it must not keep references to the tensors.
+    trust_checkpoint
+        As in :func:`load_torch_file`.
+
+    Raises
+    ------
+    CheckpointFormatError
+        Naming every floating tensor holding NaN or inf.
+    """
+
+    def mapped() -> Mapping[str, torch.Tensor]:
+        return select(load_torch_file(path, trust_checkpoint=trust_checkpoint, mmap=True))
+
+    windows: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in mapped().items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            if size and size + tensor.nbytes > _FINITE_WINDOW_BYTES:
+                windows.append([])
+                size = 0
+            windows[-1].append(name)
+            size += tensor.nbytes
+    bad: list[str] = []
+    for names in windows:
+        state = mapped()  # dropped before the next window: its read pages leave with it
+        bad += [name for name in names if not _all_finite(state[name])]
+        del state
+    _raise_nonfinite(bad, str(path))
 
 
 def _declared(module: torch.nn.Module, attr: str, keys: Iterable[str]) -> list[str]:
@@ -300,6 +360,7 @@ def load_state_dict_strict(
     ignore_unexpected: Iterable[str] = (),
     allow_missing: Iterable[str] = (),
     assign: bool = False,
+    check_finite: bool = True,
 ) -> None:
     """Copy ``state_dict`` into ``module``, reporting every problem at once.
 
@@ -322,13 +383,16 @@ def load_state_dict_strict(
         device, so weights are never held twice). Every tensor still on the meta device
         afterwards is an error, except the optional ones the file lacks, which the caller
         initialises.
+    check_finite
+        Check every floating tensor for NaN / inf first. ``False`` only where the reader
+        checked the file already (:func:`check_finite_torch_file` for a memory-mapped file,
+        whose pages a second check here would make resident).
 
     Notes
     -----
     The module class declares the rules of every release once, as regex lists
     ``_keys_to_ignore_on_load_unexpected`` and ``_keys_to_ignore_on_load_missing`` (HF
-    transformers' names); they are applied in addition to the exact keys passed here. Every
-    floating tensor is checked for NaN / inf first.
+    transformers' names); they are applied in addition to the exact keys passed here.
 
     Raises
     ------
@@ -345,8 +409,9 @@ def load_state_dict_strict(
     optional = set(allow_missing) | set(
         _declared(module, "_keys_to_ignore_on_load_missing", target)
     )
-    check_finite_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, what=what)
     provided = {k: v for k, v in state_dict.items() if k not in ignore}
+    if check_finite:
+        check_finite_state_dict(provided, what=what)
     missing = sorted(k for k in target if k not in provided and k not in optional)
     unexpected = sorted(k for k in provided if k not in target)
     mismatched = [

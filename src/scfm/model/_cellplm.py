@@ -243,7 +243,8 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         weights = release.state_dict
         for key in [k for k in weights if any(p.search(k) for p in unused)]:
             del weights[key]
-        load_state_dict_strict(model.module, weights, what=what, assign=True)
+        # read_cellplm_state_dict checked the weights, not holding them all (mapped file)
+        load_state_dict_strict(model.module, weights, what=what, assign=True, check_finite=False)
         logger.info("Loaded CellPLM %s (latent %s).", release.files["weights"], config.latent_mod)
         return model
 
