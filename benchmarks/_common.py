@@ -259,13 +259,21 @@ def random_tensor(shape: Sequence[int], name: str, generator, fan_in: int | None
     return std * torch.randn(shape, generator=generator)
 
 
-def bert_flops(lengths, hidden: int, ffn: int, layers: int) -> float:
-    """Matmul FLOPs of a BERT encoder over unpadded sequences of the given lengths."""
+def bert_flops(lengths, hidden: int, ffn: int, layers: int, cls_only_last: bool = False) -> float:
+    """Matmul FLOPs of a BERT encoder over unpadded sequences of the given lengths.
+
+    ``cls_only_last``: the last layer is read at ``<cls>`` only, so it projects keys and
+    values of every token but runs the query, attention, output and MLP for one token.
+    """
     import numpy as np
 
     n = np.asarray(lengths, dtype=np.float64)
     per_layer = 2 * n * (4 * hidden * hidden + 2 * hidden * ffn) + 2 * 2 * n**2 * hidden
-    return float(per_layer.sum() * layers)
+    total = per_layer.sum() * layers
+    if cls_only_last and layers:
+        one_token = 2 * (2 * hidden * hidden + 2 * hidden * ffn) + 2 * 2 * n * hidden
+        total += (2 * n * 2 * hidden * hidden + one_token - per_layer).sum()
+    return float(total)
 
 
 def add_cli(parser, reference_help: str) -> None:

@@ -407,9 +407,11 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["--variant", args.variant, "--release", str(release), "--data", str(data)]
     scfm, base, kind, cmp = C.run_sides(__file__, f"geneformer-{args.variant}", args, common)
     spec = VARIANTS[args.variant]
-    # the default embedding reads layer n-1: the last layer is work the model need not do
+    # the default embedding reads layer n-1: the last layer is work the model need not do;
+    # V2 reads it at <cls> (V1 averages its genes), so layer n-1 runs one query per cell
     lengths = token_lengths(data, release, args.variant)
-    flops = C.bert_flops(lengths, spec["hidden"], spec["ffn"], spec["layers"] - 1)
+    cls = args.variant == "V2"
+    flops = C.bert_flops(lengths, spec["hidden"], spec["ffn"], spec["layers"] - 1, cls)
     extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
     return C.report(f"geneformer-{args.variant}", scfm, base, kind, flops, extra)
 

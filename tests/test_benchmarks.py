@@ -140,4 +140,8 @@ def test_shared_helpers(runner):
     assert same["max_abs_diff"] == 0 and same["min_cosine"] == pytest.approx(1)
     # one layer, one token of width 1 with FFN 1: 2*(4+2) + 4 = 16 FLOPs
     assert C.bert_flops([1], 1, 1, 1) == 16
+    # 10 tokens, width 4, FFN 8: a layer is 2*10*(64+64) + 4*100*4 = 4160; a last layer read
+    # at <cls> projects 10 keys and values (2*10*32) and runs one query: 2*(32+64) + 4*10*4
+    assert C.bert_flops([10], 4, 8, 2) == 2 * 4160
+    assert C.bert_flops([10], 4, 8, 2, cls_only_last=True) == 4160 + 640 + 352
     assert C.peak_rss_bytes() > 0

@@ -192,6 +192,18 @@ def test_module_inference_api(loaded, fx):
     assert (from_ids.token_genes[~real] == -1).all()
     assert (from_ids.token_genes[real] == ids[real]).all()
     assert "mlm_labels" not in from_ids.extra  # eval mode: never masked
+    # cell embeddings only (the "latent" call): a <cls> read skips the other tokens
+    with torch.inference_mode():
+        cls_only = module.inference(
+            input_ids=ids, lengths=lengths, hidden_layer=-2, pooling="cls", token_states=False
+        )
+        mean = module.inference(
+            input_ids=ids, lengths=lengths, hidden_layer=-2, pooling="mean", token_states=False
+        )
+    assert cls_only.token_states is None and cls_only.token_genes is None
+    torch.testing.assert_close(cls_only.cell_embedding, from_ids.cell_embedding)
+    assert mean.token_states.shape == (*ids.shape, 64)  # a mean reads every token
+    assert model._inference_kwargs("latent")["token_states"] is False
     gen = torch.Generator().manual_seed(0)
     masked = module.inference(input_ids=ids, lengths=lengths, mask=True, generator=gen)
     assert (masked.extra["mlm_labels"] != -100).any()

@@ -20,7 +20,12 @@ from safetensors.torch import load_file, save_file
 import scfm
 from conftest import fixture_dir
 from scfm.data._geneformer_tokenizer import bionemo_tokens
-from scfm.errors import CheckpointFormatError, CheckpointKeyError, CheckpointNotFoundError
+from scfm.errors import (
+    CheckpointFormatError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
+    InvalidInputError,
+)
 from scfm.model import Geneformer
 from scfm.nn import make_key_padding_mask
 
@@ -195,6 +200,63 @@ def test_packed_inference_matches_a_per_cell_forward(pre_ln, monkeypatch):
         empty = model(ids[:0], mask[:0], output_hidden_states=True)
     np.testing.assert_allclose(full.numpy(), out.last_hidden_state[1:3].numpy(), atol=1e-6)
     assert empty.last_hidden_state.shape == (0, 31, 32) and len(empty.hidden_states) == 4
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_first_token_only_runs_the_last_layer_for_cls_alone(pre_ln, monkeypatch):
+    """first_token_only (cell embeddings read at <cls>): the last computed layer runs its
+    query, output and MLP for each cell's first token only and must give that token's state
+    of the full forward (float64 per-cell reference), at every depth, in groups of cells,
+    with an adapted projection, and on the training path."""
+    from scfm.nn import _bert
+
+    torch.manual_seed(1)
+    act = "gelu" if pre_ln else "relu"
+    config = _bert.BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        hidden_act=act,
+        type_vocab_size=0 if pre_ln else 2,
+        pre_layer_norm=pre_ln,
+        embedding_layer_norm=not pre_ln,
+    )
+    model = _bert.BertModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    sd = {f"bert.{k}": v for k, v in model.state_dict().items()}
+    lengths = torch.tensor([7, 31, 31, 1, 20, 20, 20, 9])
+    ids = torch.randint(2, 60, (len(lengths), 31))
+    mask = make_key_padding_mask(lengths, 31)
+    ids[~mask] = 0
+    monkeypatch.setattr(_bert, "GROUP_BYTES", 2 * 31 * 4 * 3 * 32)
+    refs = [
+        _reference_hidden_states(sd, ids[i, :n].numpy(), 3, 4, pre_ln, act)
+        for i, n in enumerate(lengths.tolist())
+    ]
+    for depth in range(4):
+        with torch.no_grad():
+            first = model(ids, mask, num_layers=depth, first_token_only=True)
+        assert first.last_hidden_state.shape == (len(lengths), 1, 32)
+        assert first.hidden_states is None
+        got = first.last_hidden_state[:, 0].double().numpy()
+        want = np.stack([ref[depth][0] for ref in refs])
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"depth {depth}")
+    with torch.no_grad():
+        full = model(ids, mask).last_hidden_state[:, 0]
+    training_path = model(ids, mask, first_token_only=True).last_hidden_state[:, 0]
+    np.testing.assert_allclose(training_path.detach().numpy(), full.numpy(), atol=1e-6)
+    layer = model.encoder.layer[2].attention.self
+    layer.query, layer.value = _Wrapped(layer.query), _Wrapped(layer.value)
+    with torch.no_grad():
+        wrapped = model(ids, mask, first_token_only=True).last_hidden_state[:, 0]
+    np.testing.assert_allclose(wrapped.numpy(), full.numpy(), atol=1e-6)
+    with pytest.raises(InvalidInputError, match="hidden states"):
+        model(ids, mask, output_hidden_states=True, first_token_only=True)
 
 
 # ---------------------------------------------------------------- V1 layout

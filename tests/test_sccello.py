@@ -139,6 +139,25 @@ def test_all_layer_cls_states_match_reference(loaded, expected, hidden_layer, co
     )
 
 
+def test_cell_embeddings_alone_skip_the_other_tokens_of_the_layer_read(loaded, expected):
+    """The "latent" call asks for no token states: the layer read runs for <cls> alone and
+    gives the <cls> state of the full forward; a classifier still reads the last layer."""
+    _, model = loaded
+    kwargs = model._inference_kwargs("latent", hidden_layer=1)
+    assert kwargs == {"token_states": False, "hidden_layer": 1}
+    call = model._prepare(None, list(range(6)), 6, "latent", {"hidden_layer": 1})
+    inputs = model.module._get_inference_input(next(iter(model._loader(call))))
+    with torch.inference_mode():
+        full = model.module.inference(**inputs, hidden_layer=1)
+        alone = model.module.inference(**inputs, **kwargs)
+    assert alone.token_states is None and alone.token_genes is None
+    assert "last_hidden_state" not in alone.extra  # layer 2 was never run
+    torch.testing.assert_close(alone.cell_embedding, full.cell_embedding)
+    np.testing.assert_allclose(
+        alone.cell_embedding.numpy(), expected["cls_all_layers"][:6, 1], atol=ATOL, rtol=0
+    )
+
+
 @pytest.mark.parametrize(
     ("representation", "key"),
     [

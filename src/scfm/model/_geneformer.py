@@ -319,7 +319,8 @@ class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass
             )
         self.module.resolve_layer(hidden_layer)
         kwargs = {
-            "latent": {"pooling": pooling, "hidden_layer": hidden_layer},
+            # cell embeddings only: a <cls> read then skips the other tokens' last layer
+            "latent": {"pooling": pooling, "hidden_layer": hidden_layer, "token_states": False},
             "genes": {"hidden_layer": hidden_layer},
             "predict": {"hidden_layer": -1},  # the classifier reads the last layer
             "train": {"hidden_layer": -1},

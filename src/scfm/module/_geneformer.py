@@ -503,6 +503,7 @@ class GeneformerModule(BaseModuleClass):
         pooling: Pooling | None = None,
         mask: bool = False,
         generator: torch.Generator | None = None,
+        token_states: bool = True,
     ) -> ModuleOutput:
         """The one forward pass: tokenise, optionally mask, encode, pool, classify.
 
@@ -524,6 +525,10 @@ class GeneformerModule(BaseModuleClass):
             Never tied to ``self.training``: fine-tuning trains unmasked.
         generator
             Random generator of the masking draw.
+        token_states
+            ``False`` when only ``cell_embedding`` (and ``logits``) are read: with
+            ``pooling="cls"`` the layer read then runs for the ``<cls>`` query alone and
+            ``token_states`` / ``token_genes`` are ``None``.
 
         Returns
         -------
@@ -556,29 +561,42 @@ class GeneformerModule(BaseModuleClass):
         n_run = self.n_layers if needs_last else layer
         # A cell without any expressed vocabulary gene (V1) still needs one key to attend to.
         attention = make_key_padding_mask(lengths.clamp(min=1), input_ids.shape[1])
+        # A <cls> read of the last computed layer needs that layer at <cls> only (the pooler
+        # and classifier read <cls> too); the MLM objective needs every token.
+        first_only = not token_states and pooling == "cls" and n_run == layer and not mask
         if n_run == 0:
-            token_states = last = self.bert.embeddings(input_ids)
+            states = last = self.bert.embeddings(input_ids)
+            if first_only:
+                states = last = states[:, :1]
         else:
             # All layer outputs are kept only when two different layers are read.
             both = n_run != layer
-            out = self.bert(input_ids, attention, output_hidden_states=both, num_layers=n_run)
+            out = self.bert(
+                input_ids,
+                attention,
+                output_hidden_states=both,
+                num_layers=n_run,
+                first_token_only=first_only,
+            )
             last = out.last_hidden_state
-            token_states = out.hidden_states[layer] if both else last
+            states = out.hidden_states[layer] if both else last
         if n_run == self.n_layers:
             extra["last_hidden_state"] = last
         real = make_key_padding_mask(lengths, input_ids.shape[1])
         output = ModuleOutput(
-            token_states=token_states,
-            token_genes=torch.where(real, input_ids, torch.full_like(input_ids, -1)),
+            token_states=None if first_only else states,
+            token_genes=None
+            if first_only
+            else torch.where(real, input_ids, torch.full_like(input_ids, -1)),
             extra=extra,
         )
-        if "mlm_labels" in extra:
+        if "mlm_labels" in extra and output.token_genes is not None:
             output.token_genes = torch.where(
                 extra["mlm_labels"] != IGNORE_INDEX, extra["mlm_labels"], output.token_genes
             )
         if pooling is not None:
             output.cell_embedding = self.pool(
-                token_states, input_ids, lengths, pooling, self.special_tokens
+                states, input_ids, lengths, pooling, self.special_tokens
             )
         if self.classifier is not None and self.bert.pooler is not None:
             output.logits = self.classifier(self.bert.pooler(last))

@@ -541,7 +541,8 @@ class ScCelloModule(BaseModuleClass):
             )
         hidden_layer = options.get("hidden_layer")
         representation = options.get("representation")
-        out: dict[str, Any] = {}
+        # cell embeddings only: the <cls> read then skips the other tokens' last layer
+        out: dict[str, Any] = {"token_states": False} if task == "latent" else {}
         if hidden_layer is not None:
             n = self.n_layers + 1
             if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int | np.integer):
@@ -630,11 +631,25 @@ class ScCelloModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ encoder + heads
     def encode(
-        self, input_ids: torch.Tensor, lengths: torch.Tensor, output_hidden_states: bool = False
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        output_hidden_states: bool = False,
+        num_layers: int | None = None,
+        first_token_only: bool = False,
     ):
-        """Run the encoder; returns :class:`~scfm.nn._bert.BertOutputs`."""
+        """Run the encoder; returns :class:`~scfm.nn._bert.BertOutputs`.
+
+        ``num_layers`` and ``first_token_only`` as in :class:`~scfm.nn._bert.BertModel`.
+        """
         mask = make_key_padding_mask(lengths.clamp(min=1), input_ids.shape[1])
-        return self.bert(input_ids, mask, output_hidden_states=output_hidden_states)
+        return self.bert(
+            input_ids,
+            mask,
+            output_hidden_states=output_hidden_states,
+            num_layers=num_layers,
+            first_token_only=first_token_only,
+        )
 
     def cell_representation(self, h_cls: torch.Tensor) -> torch.Tensor:
         """``z = normalize(cell_cls(h_cls)) / sqrt(tau)``."""
@@ -747,6 +762,7 @@ class ScCelloModule(BaseModuleClass):
         mask: bool = False,
         mlm_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        token_states: bool = True,
     ) -> ModuleOutput:
         """The one forward pass: tokenise, (mask), encode, read the cell and token states.
 
@@ -771,13 +787,18 @@ class ScCelloModule(BaseModuleClass):
             ``[B, L]`` fixed positions to mask (implies ``mask``) instead of random ones.
         generator
             Random source of the masking.
+        token_states
+            ``False`` when only ``cell_embedding`` (and ``logits``) are read: the layer read
+            then runs for the ``<cls>`` query alone and ``token_states`` / ``token_genes``
+            are ``None``.
 
         Returns
         -------
         :class:`~scfm.module._outputs.ModuleOutput` with ``cell_embedding``, ``token_states``
         and ``token_genes`` (token id = position in the vocabulary; ``-1`` for ``<cls>``,
         ``<mask>`` and padding), ``logits`` when a classifier is attached, and in ``extra``
-        the (masked) ``input_ids``, ``lengths``, ``mlm_labels``, ``last_hidden_state`` and
+        the (masked) ``input_ids``, ``lengths``, ``mlm_labels``, ``last_hidden_state`` (when
+        the last layer was computed: masking, a classifier or ``hidden_layer=-1``) and
         ``cell_type``.
         """
         ids, lengths = self.tokenize(x)
@@ -786,7 +807,17 @@ class ScCelloModule(BaseModuleClass):
         else:
             mlm_labels = torch.full_like(ids, IGNORE_INDEX)
         wanted = hidden_layer % (self.n_layers + 1)
-        out = self.encode(ids, lengths, output_hidden_states=wanted != self.n_layers)
+        masked = mask or mlm_mask is not None
+        # the losses of masked genes read every last-layer token, the classifier its <cls>
+        n_run = self.n_layers if masked or self.classifier is not None else wanted
+        first_only = not token_states and not masked and n_run == wanted
+        out = self.encode(
+            ids,
+            lengths,
+            output_hidden_states=wanted != n_run,
+            num_layers=n_run,
+            first_token_only=first_only,
+        )
         states = out.last_hidden_state if out.hidden_states is None else out.hidden_states[wanted]
         h_cls = states[:, 0]
         if representation == "cls":
@@ -807,18 +838,15 @@ class ScCelloModule(BaseModuleClass):
         logits = None
         if self.classifier is not None:
             logits = self.classifier(out.last_hidden_state[:, 0])
-        extra = {
-            "input_ids": ids,
-            "lengths": lengths,
-            "mlm_labels": mlm_labels,
-            "last_hidden_state": out.last_hidden_state,
-        }
+        extra = {"input_ids": ids, "lengths": lengths, "mlm_labels": mlm_labels}
+        if n_run == self.n_layers:
+            extra["last_hidden_state"] = out.last_hidden_state
         if cell_type is not None:
             extra["cell_type"] = cell_type.reshape(-1).long()
         return ModuleOutput(
             cell_embedding=cell,
-            token_states=states,
-            token_genes=token_genes,
+            token_states=None if first_only else states,
+            token_genes=None if first_only else token_genes,
             logits=logits,
             extra=extra,
         )

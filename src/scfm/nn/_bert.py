@@ -24,6 +24,7 @@ views of one fused Q/K/V product, and groups of whole cells go through all layer
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -312,38 +313,62 @@ class BertSelfAttention(nn.Module):
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 
-    def forward_packed(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    def forward_packed(
+        self, x: torch.Tensor, lengths: Sequence[int], first_only: bool = False
+    ) -> torch.Tensor:
         """Attention over packed cells: ``x`` ``[T, H]`` holds the cells' tokens one after another.
 
         Each run of equally long cells is one SDPA call on strided views of the Q/K/V product
         (no mask, no padding); SDPA's CPU output is laid out ``[B, L, heads, d]``, so merging
         the heads is a view and the only copy is the write into the packed output.
+        ``first_only``: only each cell's first token queries (keys and values still come from
+        every token); returns ``[cells, H]``.
         """
-        t = x.shape[0]
-        qkv = self._qkv(x).view(t, 3, self.num_heads, self.head_dim)
-        out = x.new_empty(t, self.num_heads * self.head_dim)
-        start = 0
+        t, heads, d = x.shape[0], self.num_heads, self.head_dim
+        if first_only:
+            firsts = _first_rows(lengths, x.device)
+            q = _fused(x[firsts], self.query).view(-1, heads, 1, d)
+            kv = _fused(x, self.key, self.value).view(t, 2, heads, d)
+            out = x.new_empty(len(lengths), heads * d)
+        else:
+            qkv = _fused(x, self.query, self.key, self.value).view(t, 3, heads, d)
+            out = x.new_empty(t, heads * d)
+        start = cell = 0
         for n, cells in _runs(lengths):
             stop = start + n * cells
-            if n:
-                q, k, v = qkv[start:stop].view(cells, n, *qkv.shape[1:]).permute(2, 0, 3, 1, 4)
-                att = self._sdpa(q, k, v, None)
+            if n and first_only:
+                k, v = kv[start:stop].view(cells, n, 2, heads, d).permute(2, 0, 3, 1, 4)
+                att = self._sdpa(q[cell : cell + cells], k, v, None)
+                out[cell : cell + cells] = att.reshape(cells, -1)
+            elif n:
+                q_, k, v = qkv[start:stop].view(cells, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+                att = self._sdpa(q_, k, v, None)
                 out[start:stop] = att.transpose(1, 2).reshape(stop - start, -1)
-            start = stop
+            start, cell = stop, cell + cells
         return out
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, 3H]`` (query, key, value): one GEMM of the concatenated weights.
 
-        A wider GEMM runs closer to the matmul peak than three ``H x H`` ones, most at width
-        256. Adapted projections (LoRA wraps them in other modules) are called one by one.
-        """
-        parts = (self.query, self.key, self.value)
-        if all(type(m) is nn.Linear and m.bias is not None for m in parts):
-            weight = torch.cat([m.weight for m in parts])
-            bias = torch.cat([m.bias for m in parts])
-            return F.linear(x, weight, bias)
-        return torch.cat([m(x) for m in parts], dim=-1)
+def _fused(x: torch.Tensor, *parts: nn.Module) -> torch.Tensor:
+    """``[T, sum of outputs]`` of several projections of ``x``: one GEMM of their weights.
+
+    A wider GEMM runs closer to the matmul peak than several ``H x H`` ones, most at width
+    256. Adapted projections (LoRA wraps them in other modules) are called one by one.
+    """
+    if len(parts) == 1:
+        return parts[0](x)
+    if all(type(m) is nn.Linear and m.bias is not None for m in parts):
+        weight = torch.cat([m.weight for m in parts])
+        bias = torch.cat([m.bias for m in parts])
+        return F.linear(x, weight, bias)
+    return torch.cat([m(x) for m in parts], dim=-1)
+
+
+def _first_rows(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Row of each cell's first token in a packed ``[T, H]`` matrix of cells of ``lengths``."""
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    return torch.tensor(starts, dtype=torch.long, device=device)
 
 
 def _runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
@@ -392,10 +417,13 @@ class BertAttention(nn.Module):
         h = x if self.LayerNorm is None else self.LayerNorm(x)
         return self.output(self.self(h, attn_mask), x)
 
-    def forward_packed(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    def forward_packed(
+        self, x: torch.Tensor, lengths: Sequence[int], first_only: bool = False
+    ) -> torch.Tensor:
         """As :meth:`forward`, on packed cells ``[T, H]`` (see :meth:`BertLayer.forward_packed`)."""
         h = x if self.LayerNorm is None else self.LayerNorm(x)
-        return self.output(self.self.forward_packed(h, lengths), x)
+        residual = x[_first_rows(lengths, x.device)] if first_only else x
+        return self.output(self.self.forward_packed(h, lengths, first_only), residual)
 
 
 class BertIntermediate(nn.Module):
@@ -436,12 +464,16 @@ class BertLayer(nn.Module):
         a = self.attention(x, attn_mask)
         return self.output(self.intermediate(a), a)
 
-    def forward_packed(self, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    def forward_packed(
+        self, x: torch.Tensor, lengths: Sequence[int], first_only: bool = False
+    ) -> torch.Tensor:
         """One layer over packed cells: ``x`` ``[T, H]`` holds cells of ``lengths`` in a row.
 
         Every per-token step runs on the ``T`` real tokens only; attention stays per cell.
+        ``first_only``: the layer's output at each cell's first token only, ``[cells, H]``
+        (what a ``<cls>`` read of the layer needs: every token is still a key and value).
         """
-        a = self.attention.forward_packed(x, lengths)
+        a = self.attention.forward_packed(x, lengths, first_only)
         return self.output(self.intermediate(a), a)
 
 
@@ -475,9 +507,18 @@ class BertEncoder(nn.Module):
         lengths: Sequence[int],
         output_hidden_states: bool = False,
         num_layers: int | None = None,
+        first_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """As :meth:`forward`, over packed cells ``[T, H]`` of the given ``lengths``."""
-        return self._run(x, (lengths,), BertLayer.forward_packed, output_hidden_states, num_layers)
+        """As :meth:`forward`, over packed cells ``[T, H]`` of the given ``lengths``.
+
+        ``first_only``: the last computed layer runs for each cell's first token only and
+        returns ``[cells, H]`` (see :meth:`BertLayer.forward_packed`).
+        """
+        if first_only and output_hidden_states:
+            raise InvalidInputError("first_only computes no complete hidden states.")
+        step = BertLayer.forward_packed
+        last = functools.partial(step, first_only=True) if first_only else step
+        return self._run(x, (lengths,), step, output_hidden_states, num_layers, last_step=last)
 
     def _run(
         self,
@@ -486,11 +527,12 @@ class BertEncoder(nn.Module):
         step: Callable[..., torch.Tensor],
         output_hidden_states: bool,
         num_layers: int | None,
+        last_step: Callable[..., torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         n = len(self.layer) if num_layers is None else num_layers
         states = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layer[:n]):
-            x = step(layer, x, *args)
+            x = (step if i < n - 1 or last_step is None else last_step)(layer, x, *args)
             if self.final_layernorm is not None and i == len(self.layer) - 1:
                 x = self.final_layernorm(x)
             if states is not None:
@@ -578,6 +620,7 @@ class BertModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         num_layers: int | None = None,
+        first_token_only: bool = False,
     ) -> BertOutputs:
         """Encode a padded batch.
 
@@ -595,19 +638,27 @@ class BertModel(nn.Module):
             Return the embedding output and every layer output.
         num_layers
             Stop after this many layers (saves compute when an inner layer is wanted).
+        first_token_only
+            Return the last computed layer at the first token only (``last_hidden_state``
+            ``[B, 1, H]``; no ``hidden_states``): all that a ``<cls>`` read needs. At inference
+            that layer then runs its query, output and MLP steps for that token alone.
         """
+        if first_token_only and output_hidden_states:
+            raise InvalidInputError("first_token_only computes no complete hidden states.")
         x = self.embeddings(input_ids, token_type_ids) if inputs_embeds is None else inputs_embeds
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
         padded = attention_mask is not None and not bool(attention_mask.all())
         if not torch.is_grad_enabled():
             real = attention_mask if padded else None
-            last, states = self._encode_packed(x, real, output_hidden_states, num_layers)
+            last, states = self._encode_packed(
+                x, real, output_hidden_states, num_layers, first_token_only
+            )
             return BertOutputs(last, states, attention_mask)
         # [B, 1, 1, L]: every query attends to the real keys of its own sequence.
         sdpa_mask = attention_mask[:, None, None, :] if padded else None
         last, states = self.encoder(x, sdpa_mask, output_hidden_states, num_layers)
-        return BertOutputs(last, states, attention_mask)
+        return BertOutputs(last[:, :1] if first_token_only else last, states, attention_mask)
 
     def _encode_packed(
         self,
@@ -615,19 +666,22 @@ class BertModel(nn.Module):
         real: torch.Tensor | None,
         output_hidden_states: bool,
         num_layers: int | None,
+        first_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Inference: the encoder over the real tokens only, in groups of whole cells.
 
         Cells are independent, so each group goes through every layer before the next one
         starts: its buffers stay within :data:`GROUP_BYTES` and layer outputs are written once,
-        into the returned ``[B, L, H]`` tensors. Padded positions (``real`` false) of those
-        hold zeros; ``hidden_states[0]`` is ``x`` itself.
+        into the returned ``[B, L, H]`` tensors (``[B, 1, H]`` if ``first_only``). Padded
+        positions (``real`` false) of those hold zeros; ``hidden_states[0]`` is ``x`` itself.
         """
         b, n, h = x.shape
         n_run = len(self.encoder.layer) if num_layers is None else num_layers
         if n_run == 0:
-            return x, ((x,) if output_hidden_states else None)
+            return (x[:, :1] if first_only else x), ((x,) if output_hidden_states else None)
         lengths = [n] * b if real is None else real.sum(1).tolist()
+        if first_only and 0 in lengths:
+            raise InvalidInputError("first_token_only needs a real first token in every sequence.")
         # allocated from the first group's states: under autocast they are not x's dtype
         outs: list[torch.Tensor] = []
         cfg = self.config
@@ -646,18 +700,22 @@ class BertModel(nn.Module):
                 lengths[start:stop],
                 output_hidden_states,
                 num_layers,
+                first_only,
             )
             computed = states[1:] if states is not None else (last,)
             if not outs:
-                outs = [state.new_zeros(b, n, h) for state in computed]
+                outs = [state.new_zeros(b, 1 if first_only else n, h) for state in computed]
             for out, state in zip(outs, computed):
-                if keep is None:
+                if first_only:
+                    out[start:stop, 0] = state
+                elif keep is None:
                     out[start:stop] = state.view(stop - start, n, h)
                 else:
                     out[start:stop][keep] = state
             start = stop
         if not outs:  # an empty batch
-            outs = [x.new_zeros(b, n, h) for _ in range(n_run if output_hidden_states else 1)]
+            width = 1 if first_only else n
+            outs = [x.new_zeros(b, width, h) for _ in range(n_run if output_hidden_states else 1)]
         return outs[-1], ((x, *outs) if output_hidden_states else None)
 
 
