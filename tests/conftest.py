@@ -20,6 +20,25 @@ def fixture_dir(model: str) -> Path:
     return path
 
 
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` resident in this process's memory mappings (Linux ``smaps``)."""
+    total, mapped = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                mapped = line.rstrip().endswith(str(path))
+            elif mapped and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+#: Skip marker of the tests that read ``/proc/self/smaps``.
+needs_smaps = pytest.mark.skipif(
+    not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps"
+)
+
+
 def data_file(name: str) -> Path:
     """``tests/data/data/<name>``: a vendored real data file (see tests/data/README.md)."""
     path = DATA / name

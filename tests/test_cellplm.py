@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -15,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 import scfm
-from conftest import fixture_dir
+from conftest import fixture_dir, needs_smaps, resident_bytes
 from scfm.data._cellplm_sentences import cellplm_gene_rank, label_codes
 from scfm.data._loader import GeneSpace
 from scfm.errors import (
@@ -541,7 +540,7 @@ def test_gene_id_key_with_symbols(fx, expected):
     _close(_z(model), expected["cell_embeddings"])
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps")
+@needs_smaps
 def test_weights_inference_never_reads_stay_out_of_memory(fx, tmp_path):
     """The .best.ckpt is memory-mapped and checked a window at a time: after loading and
     embedding, the pages of the decoder (which embedding never reads) are not resident, yet
@@ -564,21 +563,10 @@ def test_weights_inference_never_reads_stay_out_of_memory(fx, tmp_path):
     ckpt = release / f"{VAE}.best.ckpt"
     torch.save({"model_state_dict": {**sd, **decoder}}, ckpt)
 
-    def resident(path):
-        """Resident bytes of this process's mappings of ``path``."""
-        total, mapped = 0, False
-        for line in open("/proc/self/smaps"):
-            head = line.split()
-            if head and "-" in head[0] and not head[0].endswith(":"):
-                mapped = line.rstrip().endswith(str(path))
-            elif mapped and line.startswith("Rss:"):
-                total += int(head[1]) * 1024
-        return total
-
     adata = _adata(fx)
     model = scfm.model.CellPLM.from_pretrained(release, adata)
     assert np.isfinite(_z(model)).all()
-    assert resident(ckpt) < ckpt.stat().st_size - decoder_bytes / 2
+    assert resident_bytes(ckpt) < ckpt.stat().st_size - decoder_bytes / 2
     assert np.isfinite(_expr(model).to_numpy()).all()  # the decoder is read when needed
     del model
     bad = {k: v.clone() for k, v in decoder.items()}

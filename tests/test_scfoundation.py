@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 import scfm
-from conftest import fixture_dir
+from conftest import fixture_dir, needs_smaps, resident_bytes
 from scfm.errors import (
     CheckpointFormatError,
     CheckpointKeyError,
@@ -436,6 +436,11 @@ def test_legacy_format_release_is_read_whole(fx, expected, tmp_path):
     model = ScFoundation.from_pretrained(folder, _adata(fx))
     z = model.get_latent_representation(progress_bar=False)
     np.testing.assert_allclose(z, expected["cell_embeddings"], atol=ATOL, rtol=0)
+    # read whole, it is checked whole: a NaN in the decoder is still refused
+    ckpt["cell"]["state_dict"]["model.decoder.norm.weight"][0] = float("nan")
+    torch.save(ckpt, folder / "models" / "models.ckpt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointFormatError, match=r"NaN or infinite values in decoder\.norm"):
+        ScFoundation.from_pretrained(folder, _adata(fx))
 
 
 def test_loading_one_weight_set_holds_it_once(fx, tmp_path):
@@ -736,3 +741,29 @@ def test_config_round_trips_and_validates():
         ScFoundationConfig(encoder_heads=0).validate()
     with pytest.raises(CheckpointFormatError, match=r"'replace_prob' = 2\.0 is not a probability"):
         ScFoundationConfig(replace_prob=2.0).validate()
+
+
+@needs_smaps
+def test_cell_embeddings_leave_the_decoder_out_of_memory(fx, tmp_path):
+    """The chosen weight set is checked a window at a time and stays mapped: embedding cells
+    never reads the decoder, so its pages are not resident; it is read when asked for."""
+    folder = tmp_path / "release"
+    (folder / "models").mkdir(parents=True)
+    shutil.copy(fx / "checkpoint" / "OS_scRNA_gene_index.19264.tsv", folder)
+    config = copy.deepcopy(
+        torch.load(fx / "checkpoint/models/models.ckpt", weights_only=True)["cell"]["config"]
+    )
+    decoder = config["model_config"]["mae_autobin"]["decoder"]
+    decoder.update(hidden_dim=256, depth=2, heads=4, dim_head=64)
+    flat = scfm.io._scfoundation.flatten_scfoundation_config(config)
+    module = sf_module.ScFoundationModule(ScFoundationConfig.from_reference(flat))
+    state = {"model." + k: v for k, v in module.state_dict().items()}
+    decoder_bytes = sum(v.nbytes for k, v in state.items() if k.startswith("model.decoder."))
+    assert decoder_bytes > 4e6  # far above page granularity
+    ckpt = folder / "models" / "models.ckpt"
+    torch.save({"cell": {"config": config, "state_dict": state}}, ckpt)
+    model = ScFoundation.from_pretrained(folder, _adata(fx))
+    assert np.isfinite(model.get_latent_representation(progress_bar=False)).all()
+    assert resident_bytes(ckpt) < ckpt.stat().st_size - decoder_bytes / 2
+    expression = model.get_normalized_expression(indices=range(3), progress_bar=False)
+    assert np.isfinite(expression.to_numpy()).all()  # the decoder is read when needed

@@ -20,7 +20,13 @@ import pandas as pd
 import torch
 
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidInputError
-from scfm.io._common import Release, load_torch_file, resolve_local_path
+from scfm.io._common import (
+    Release,
+    check_finite_state_dict,
+    check_finite_torch_file,
+    load_torch_file,
+    resolve_local_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +220,8 @@ def read_scfoundation_checkpoint(
     # pages of the one asked for are ever read, and its tensors stay views of the file (no
     # second copy when the module takes them with ``assign=True``). Files written in torch's
     # legacy (non-zip) format cannot be mapped and are read whole.
-    obj = load_torch_file(ckpt, trust_checkpoint=trust_checkpoint, mmap=zipfile.is_zipfile(ckpt))
+    mapped = zipfile.is_zipfile(ckpt)
+    obj = load_torch_file(ckpt, trust_checkpoint=trust_checkpoint, mmap=mapped)
     if not isinstance(obj, Mapping) or not any(k in obj for k in SCFOUNDATION_WEIGHTS):
         keys = (
             f" with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping) else ""
@@ -243,6 +250,17 @@ def read_scfoundation_checkpoint(
             f"The {weights!r} state_dict of {str(ckpt)!r} is not a mapping of names to tensors."
         )
     state = {_strip_prefix(k): v for k, v in raw_state.items()}
+    # NaN / inf: a window of the mapped file at a time, so that what the model never reads
+    # (the decoder, for cell embeddings) stays out of memory; the model then loads with
+    # check_finite=False
+    if mapped:
+        check_finite_torch_file(
+            ckpt,
+            lambda o: {_strip_prefix(k): v for k, v in o[weights]["state_dict"].items()},
+            trust_checkpoint=trust_checkpoint,
+        )
+    else:
+        check_finite_state_dict(state, what=str(ckpt))
     genes = read_scfoundation_gene_list(gene_file)
     files = {"weights": ckpt} if gene_file is None else {"weights": ckpt, "genes": gene_file}
     logger.info("Read the scFoundation %r model from %s", weights, ckpt)

@@ -249,7 +249,10 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
         # and no random initialisation is computed only to be overwritten.
         with torch.device("meta"):
             model = cls(adata, config=config, gene_list=genes, weights=weights)
-        load_state_dict_strict(model.module, release.state_dict, what=what, assign=True)
+        # read_scfoundation_checkpoint checked the weights, not holding them all (mapped)
+        load_state_dict_strict(
+            model.module, release.state_dict, what=what, assign=True, check_finite=False
+        )
         _materialize_missing_buffers(model.module)
         return model
 
