@@ -145,3 +145,27 @@ def test_shared_helpers(runner):
     assert C.bert_flops([10], 4, 8, 2) == 2 * 4160
     assert C.bert_flops([10], 4, 8, 2, cls_only_last=True) == 4160 + 640 + 352
     assert C.peak_rss_bytes() > 0
+
+
+def test_bert_ceiling_weighs_each_shape_by_its_flops(monkeypatch):
+    """bert_ceiling: shares and ceilings from per-shape (FLOPs, rate) pairs."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bert_ceiling
+
+    rates = {
+        "qkv": (30.0, 100.0),
+        "attention output": (10.0, 100.0),
+        "ffn in": (20.0, 100.0),
+        "ffn out": (20.0, 100.0),
+        "attention q.k": (60.0, 50.0),
+        "attention p.v": (60.0, 100.0),
+        "sdpa": (120.0, 80.0),
+    }
+    c = bert_ceiling.ceilings(rates, peak=100.0)
+    assert c["attention_share"] == pytest.approx(60.0)
+    # 200 FLOPs: linear 80 / 100 + 60 / 50 + 60 / 100 = 2.6 time units; with SDPA 0.8 + 1.5
+    assert c["ceiling_gemm"] == pytest.approx(100 * 200 / 2.6 / 100)
+    assert c["ceiling_sdpa"] == pytest.approx(100 * 200 / 2.3 / 100)
+    small = bert_ceiling.layer_rates(tokens=16, hidden=8, heads=2, ffn=16)
+    assert set(small) == set(rates) and all(f > 0 and r > 0 for f, r in small.values())
+    assert small["sdpa"][0] == small["attention q.k"][0] + small["attention p.v"][0]
