@@ -20,6 +20,8 @@ instead: the real tokens of the minibatch are packed into one ``[tokens, H]`` ma
 per-token step (projections, MLP, LayerNorm) runs on it, attention runs per cell on strided
 views of one fused Q/K/V product, and groups of whole cells go through all layers at a time
 (cells are independent), so no FLOP is spent on padding and no chunk result is copied back.
+A read of the first token alone (``first_token_only``: cell embeddings at ``<cls>``) runs the
+last computed layer's query, output and MLP for that token only.
 """
 
 from __future__ import annotations
