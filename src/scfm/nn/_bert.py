@@ -316,18 +316,18 @@ class BertSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 
     def forward_packed(
-        self, x: torch.Tensor, lengths: Sequence[int], first_only: bool = False
+        self, x: torch.Tensor, lengths: Sequence[int], first_token_only: bool = False
     ) -> torch.Tensor:
         """Attention over packed cells: ``x`` ``[T, H]`` holds the cells' tokens one after another.
 
         Each run of equally long cells is one SDPA call on strided views of the Q/K/V product
         (no mask, no padding); SDPA's CPU output is laid out ``[B, L, heads, d]``, so merging
         the heads is a view and the only copy is the write into the packed output.
-        ``first_only``: only each cell's first token queries (keys and values still come from
+        ``first_token_only``: only each cell's first token queries (keys and values still come from
         every token); returns ``[cells, H]``.
         """
         t, heads, d = x.shape[0], self.num_heads, self.head_dim
-        if first_only:
+        if first_token_only:
             firsts = _first_rows(lengths, x.device)
             q = _fused(x[firsts], self.query).view(-1, heads, 1, d)
             kv = _fused(x, self.key, self.value).view(t, 2, heads, d)
@@ -338,7 +338,7 @@ class BertSelfAttention(nn.Module):
         start = cell = 0
         for n, cells in _runs(lengths):
             stop = start + n * cells
-            if n and first_only:
+            if n and first_token_only:
                 k, v = kv[start:stop].view(cells, n, 2, heads, d).permute(2, 0, 3, 1, 4)
                 att = self._sdpa(q[cell : cell + cells], k, v, None)
                 out[cell : cell + cells] = att.reshape(cells, -1)
@@ -420,12 +420,12 @@ class BertAttention(nn.Module):
         return self.output(self.self(h, attn_mask), x)
 
     def forward_packed(
-        self, x: torch.Tensor, lengths: Sequence[int], first_only: bool = False
+        self, x: torch.Tensor, lengths: Sequence[int], first_token_only: bool = False
     ) -> torch.Tensor:
         """As :meth:`forward`, on packed cells ``[T, H]`` (see :meth:`BertLayer.forward_packed`)."""
         h = x if self.LayerNorm is None else self.LayerNorm(x)
-        residual = x[_first_rows(lengths, x.device)] if first_only else x
-        return self.output(self.self.forward_packed(h, lengths, first_only), residual)
+        residual = x[_first_rows(lengths, x.device)] if first_token_only else x
+        return self.output(self.self.forward_packed(h, lengths, first_token_only), residual)
 
 
 class BertIntermediate(nn.Module):
@@ -467,15 +467,15 @@ class BertLayer(nn.Module):
         return self.output(self.intermediate(a), a)
 
     def forward_packed(
-        self, x: torch.Tensor, lengths: Sequence[int], first_only: bool = False
+        self, x: torch.Tensor, lengths: Sequence[int], first_token_only: bool = False
     ) -> torch.Tensor:
         """One layer over packed cells: ``x`` ``[T, H]`` holds cells of ``lengths`` in a row.
 
         Every per-token step runs on the ``T`` real tokens only; attention stays per cell.
-        ``first_only``: the layer's output at each cell's first token only, ``[cells, H]``
+        ``first_token_only``: the layer's output at each cell's first token only, ``[cells, H]``
         (what a ``<cls>`` read of the layer needs: every token is still a key and value).
         """
-        a = self.attention.forward_packed(x, lengths, first_only)
+        a = self.attention.forward_packed(x, lengths, first_token_only)
         return self.output(self.intermediate(a), a)
 
 
@@ -509,17 +509,17 @@ class BertEncoder(nn.Module):
         lengths: Sequence[int],
         output_hidden_states: bool = False,
         num_layers: int | None = None,
-        first_only: bool = False,
+        first_token_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """As :meth:`forward`, over packed cells ``[T, H]`` of the given ``lengths``.
 
-        ``first_only``: the last computed layer runs for each cell's first token only and
+        ``first_token_only``: the last computed layer runs for each cell's first token only and
         returns ``[cells, H]`` (see :meth:`BertLayer.forward_packed`).
         """
-        if first_only and output_hidden_states:
-            raise InvalidInputError("first_only computes no complete hidden states.")
+        if first_token_only and output_hidden_states:
+            raise InvalidInputError("first_token_only computes no complete hidden states.")
         step = BertLayer.forward_packed
-        last = functools.partial(step, first_only=True) if first_only else step
+        last = functools.partial(step, first_token_only=True) if first_token_only else step
         return self._run(x, (lengths,), step, output_hidden_states, num_layers, last_step=last)
 
     def _run(
@@ -668,21 +668,21 @@ class BertModel(nn.Module):
         real: torch.Tensor | None,
         output_hidden_states: bool,
         num_layers: int | None,
-        first_only: bool = False,
+        first_token_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Inference: the encoder over the real tokens only, in groups of whole cells.
 
         Cells are independent, so each group goes through every layer before the next one
         starts: its buffers stay within :data:`GROUP_BYTES` and layer outputs are written once,
-        into the returned ``[B, L, H]`` tensors (``[B, 1, H]`` if ``first_only``). Padded
+        into the returned ``[B, L, H]`` tensors (``[B, 1, H]`` if ``first_token_only``). Padded
         positions (``real`` false) of those hold zeros; ``hidden_states[0]`` is ``x`` itself.
         """
         b, n, h = x.shape
         n_run = len(self.encoder.layer) if num_layers is None else num_layers
         if n_run == 0:
-            return (x[:, :1] if first_only else x), ((x,) if output_hidden_states else None)
+            return (x[:, :1] if first_token_only else x), ((x,) if output_hidden_states else None)
         lengths = [n] * b if real is None else real.sum(1).tolist()
-        if first_only and 0 in lengths:
+        if first_token_only and 0 in lengths:
             raise InvalidInputError("first_token_only needs a real first token in every sequence.")
         # allocated from the first group's states: under autocast they are not x's dtype
         outs: list[torch.Tensor] = []
@@ -702,13 +702,13 @@ class BertModel(nn.Module):
                 lengths[start:stop],
                 output_hidden_states,
                 num_layers,
-                first_only,
+                first_token_only,
             )
             computed = states[1:] if states is not None else (last,)
             if not outs:
-                outs = [state.new_zeros(b, 1 if first_only else n, h) for state in computed]
+                outs = [state.new_zeros(b, 1 if first_token_only else n, h) for state in computed]
             for out, state in zip(outs, computed):
-                if first_only:
+                if first_token_only:
                     out[start:stop, 0] = state
                 elif keep is None:
                     out[start:stop] = state.view(stop - start, n, h)
@@ -716,7 +716,7 @@ class BertModel(nn.Module):
                     out[start:stop][keep] = state
             start = stop
         if not outs:  # an empty batch
-            width = 1 if first_only else n
+            width = 1 if first_token_only else n
             outs = [x.new_zeros(b, width, h) for _ in range(n_run if output_hidden_states else 1)]
         return outs[-1], ((x, *outs) if output_hidden_states else None)
 
