@@ -119,7 +119,7 @@ def load_torch_file(
                 "If you trust its source, pass trust_checkpoint=True."
             ) from None
         logger.warning("Unpickling %s with weights_only=False (trust_checkpoint=True).", p)
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         # Damaged bytes surface from torch's unpickler as almost any exception type
         # (IndexError, KeyError, UnicodeDecodeError, EOFError, zipfile.BadZipFile, ...).
