@@ -123,6 +123,16 @@ def test_finetune_predict_freeze_and_save_load(tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     acc = (adata.obs["ct_pred"].astype(str) == adata.obs["cell_type"].astype(str)).mean()
     assert acc > 0.55, acc  # chance is ~0.33 for the three balanced groups
+    # predict runs the last layer for <cls> alone: the logits of the full last layer
+    assert model._inference_kwargs("predict")["token_states"] is False
+    ids, lengths = model.get_tokens(adata)
+    ids = torch.as_tensor(np.where(ids < 0, model.module.config.pad_token_id, ids))
+    with torch.inference_mode():
+        full = model.module.inference(input_ids=ids, lengths=torch.as_tensor(lengths))
+    assert full.token_states is not None
+    np.testing.assert_allclose(
+        probs.to_numpy(), torch.softmax(full.logits, -1).numpy(), atol=1e-5, rtol=0
+    )
     model.save(tmp_path / "ft", overwrite=True)
     again = Geneformer.load(tmp_path / "ft", adata=adata)
     np.testing.assert_allclose(

@@ -322,7 +322,8 @@ class Geneformer(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass
             # cell embeddings only: a <cls> read then skips the other tokens' last layer
             "latent": {"pooling": pooling, "hidden_layer": hidden_layer, "token_states": False},
             "genes": {"hidden_layer": hidden_layer},
-            "predict": {"hidden_layer": -1},  # the classifier reads the last layer
+            # the classifier reads the last layer at <cls> (the pooler's first token)
+            "predict": {"hidden_layer": -1, "token_states": False},
             "train": {"hidden_layer": -1},
         }
         if task not in kwargs:

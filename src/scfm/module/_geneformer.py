@@ -526,8 +526,8 @@ class GeneformerModule(BaseModuleClass):
         generator
             Random generator of the masking draw.
         token_states
-            ``False`` when only ``cell_embedding`` (and ``logits``) are read: with
-            ``pooling="cls"`` the layer read then runs for the ``<cls>`` query alone and
+            ``False`` when only ``cell_embedding`` and ``logits`` are read: unless ``pooling``
+            averages tokens, the layer read then runs for the ``<cls>`` query alone and
             ``token_states`` / ``token_genes`` are ``None``.
 
         Returns
@@ -562,8 +562,9 @@ class GeneformerModule(BaseModuleClass):
         # A cell without any expressed vocabulary gene (V1) still needs one key to attend to.
         attention = make_key_padding_mask(lengths.clamp(min=1), input_ids.shape[1])
         # A <cls> read of the last computed layer needs that layer at <cls> only (the pooler
-        # and classifier read <cls> too); the MLM objective needs every token.
-        first_only = not token_states and pooling == "cls" and n_run == layer and not mask
+        # and classifier read <cls> too); a mean and the MLM objective need every token.
+        cls_read = pooling in ("cls", None)
+        first_only = not token_states and cls_read and n_run == layer and not mask
         if n_run == 0:
             states = last = self.bert.embeddings(input_ids)
             if first_only:

@@ -541,8 +541,8 @@ class ScCelloModule(BaseModuleClass):
             )
         hidden_layer = options.get("hidden_layer")
         representation = options.get("representation")
-        # cell embeddings only: the <cls> read then skips the other tokens' last layer
-        out: dict[str, Any] = {"token_states": False} if task == "latent" else {}
+        # cell embeddings or the probe only: the <cls> read skips the other tokens' last layer
+        out: dict[str, Any] = {"token_states": False} if task in ("latent", "predict") else {}
         if hidden_layer is not None:
             n = self.n_layers + 1
             if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int | np.integer):
