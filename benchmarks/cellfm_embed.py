@@ -109,12 +109,21 @@ def write_data(path: Path, n_cells: int, seed: int = 4) -> Path:
     return path
 
 
-def cellfm_flops(tokens: float) -> float:
-    """Matmul FLOPs over ``tokens`` unpadded tokens (CLS included)."""
+def cellfm_flops(tokens: float, cells: int = 0) -> float:
+    """Matmul FLOPs over ``tokens`` unpadded tokens (CLS included) of ``cells`` cells.
+
+    With ``cells``, the last layer is read at CLS only (the default cell embedding): it
+    projects keys and values of every token (and forms their ``h x h`` states) but runs the
+    query, gate, output and GLU projections for one token per cell.
+    """
     h = D // HEADS
-    per_token = 2 * (BINS * BINS + BINS * D)  # value encoder (w3, table)
-    per_token += LAYERS * (2 * (5 * D * D + 3 * D * D) + 2 * 2 * D * h)
-    return tokens * per_token
+    layer = 2 * (5 * D * D + 3 * D * D) + 2 * 2 * D * h
+    per_token = 2 * (BINS * BINS + BINS * D) + LAYERS * layer  # value encoder (w3, table)
+    if not cells:
+        return tokens * per_token
+    last_all = 2 * 2 * D * D + 2 * D * h  # k, v projections and the K^T V states
+    last_cls = 2 * 6 * D * D + 2 * D * h  # q, u, o, GLU u, v, o and Q (K^T V)
+    return tokens * (per_token - layer + last_all) + cells * last_cls
 
 
 def worker_scfm(args) -> None:
@@ -366,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     x = ad.read_h5ad(data).X
     tokens = float((x > 0).sum()) + n  # + CLS; no cell exceeds the 2,047-gene cap
     extra = {"cells": n, "mean_tokens": tokens / n, **cmp}
-    return C.report("cellfm", scfm, base, kind, cellfm_flops(tokens), extra)
+    # the default embedding reads the last layer at CLS: only that work is counted
+    return C.report("cellfm", scfm, base, kind, cellfm_flops(tokens, n), extra)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,17 @@ def test_bert_ceiling_weighs_each_shape_by_its_flops(monkeypatch):
     small = bert_ceiling.layer_rates(tokens=16, hidden=8, heads=2, ffn=16)
     assert set(small) == set(rates) and all(f > 0 and r > 0 for f, r in small.values())
     assert small["sdpa"][0] == small["attention q.k"][0] + small["attention p.v"][0]
+
+
+def test_cellfm_flops_count_the_cls_only_last_layer(monkeypatch):
+    """cellfm_flops: with the cells given, the last layer counts k/v (and their states) for
+    every token but the six other projections for one token per cell."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import cellfm_embed as F
+
+    d, h = F.D, F.D // F.HEADS
+    layer = 2 * 8 * d * d + 4 * d * h
+    full = F.cellfm_flops(1000.0)
+    cls = F.cellfm_flops(1000.0, cells=2)
+    skipped = 1000 * (layer - 4 * d * d - 2 * d * h)  # all but k, v and the states
+    assert full - cls == pytest.approx(skipped - 2 * (12 * d * d + 2 * d * h))

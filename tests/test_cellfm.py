@@ -550,6 +550,47 @@ def test_packed_retention_matches_the_reference_layer(grad):
         assert layer.attn.q_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_first_token_only_gives_the_layer_at_cls(grad):
+    """first_token_only (a CLS read): the layer's queries, output and GLU run for each packed
+    sequence's first token, over every token as key and value; equal to the reference layer's
+    first rows, in place or not."""
+    from scfm.nn import RetentionLayer
+
+    torch.manual_seed(1)
+    layer = RetentionLayer(64, 4, n_layers=2).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.2)
+    lengths = [7, 1, 12, 12]
+    x = torch.randn(len(lengths), max(lengths), 64)
+    key_mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).float()
+    with torch.no_grad():
+        expected = _reference_retention_layer(layer, x, key_mask)[:, 0]
+    packed = torch.cat([x[i, :n] for i, n in enumerate(lengths)])
+    with torch.set_grad_enabled(grad):
+        got = layer(packed.clone(), lengths=lengths, first_token_only=True)
+    assert got.shape == (len(lengths), 64)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="packed"):
+        layer(x, key_mask=key_mask, first_token_only=True)
+
+
+def test_cell_embeddings_alone_run_the_last_layer_for_cls(model):
+    """The "latent" call asks for no token states: the layer read runs for CLS alone and gives
+    the CLS state of the full forward; masking, a decoder or mean pooling still see genes."""
+    kwargs = model._inference_kwargs("latent")
+    assert kwargs["token_states"] is False and kwargs["pooling"] == "cls"
+    x, depth, seeds = _module_inputs(model, model.adata, [0, 1, 2, 3])
+    with torch.inference_mode():
+        full = model.module.inference(x, depth, seeds, hidden_layer=-1)
+        alone = model.module.inference(x, depth, seeds, **kwargs)
+        mean = model.module.inference(x, depth, seeds, pooling="mean", token_states=False)
+    assert alone.token_states is None and alone.token_genes is None
+    torch.testing.assert_close(alone.cell_embedding, full.cell_embedding, atol=2e-6, rtol=0)
+    assert mean.token_states is not None
+
+
 def test_padding_is_never_encoded(model):
     """Cells are encoded packed: a cell's embedding is the same alone as beside a longer one,
     and padded token states are zero."""

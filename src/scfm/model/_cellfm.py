@@ -245,6 +245,8 @@ class CellFM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if pooling not in ("cls", "mean"):
                 raise InvalidInputError(f"pooling={pooling!r}: use 'cls' or 'mean'.")
             kwargs["pooling"] = pooling
+            # cell embeddings only: a CLS read skips the gene tokens of the layer read
+            kwargs["token_states"] = False
         return kwargs
 
     def _cell_plan(

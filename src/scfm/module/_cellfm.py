@@ -493,6 +493,7 @@ class CellFMModule(BaseModuleClass):
         thin: bool = False,
         decoder: str | None = None,
         generator: torch.Generator | None = None,
+        token_states: bool = True,
     ) -> ModuleOutput:
         """Tokenise, optionally mask, encode and decode a minibatch.
 
@@ -531,6 +532,10 @@ class CellFMModule(BaseModuleClass):
             expressed genes (``value_dec`` on their tokens; other genes 0). ``None``: none.
         generator
             Random generator for subsampling and masking without ``cell_seed``.
+        token_states
+            ``False`` when only ``cell_embedding`` is read: with ``pooling="cls"`` (and no
+            masking, decoder or classifier) the layer read then runs for the CLS query alone
+            and ``token_states`` / ``token_genes`` are ``None``.
 
         Returns
         -------
@@ -563,8 +568,17 @@ class CellFMModule(BaseModuleClass):
         if use_st is None:
             use_st = self.config.st_tokens and (ratio > 0 or decoder is not None)
         st_feat = self.st_features(source_totals, target.totals) if use_st else None
-        states = self._encode(tokens, unmask, st_feat, hidden_layer)
-        n_prefix = states.shape[1] - length
+        # a CLS read needs the layer read at CLS only (the decoders, the classifier and a
+        # mean read the gene tokens too)
+        cls_only = (
+            not token_states
+            and pooling == "cls"
+            and unmask is None
+            and decoder is None
+            and self.classifier is None
+        )
+        states = self._encode(tokens, unmask, st_feat, hidden_layer, first_token_only=cls_only)
+        n_prefix = 1 if cls_only else states.shape[1] - length
         token_mask = tokens.token_mask
         genes = states[:, n_prefix:]
         if pooling == "cls":
@@ -576,8 +590,10 @@ class CellFMModule(BaseModuleClass):
             raise ValueError(f"pooling={pooling!r}: use 'cls' or 'mean'")
         out = ModuleOutput(
             cell_embedding=cell,
-            token_states=genes,
-            token_genes=torch.where(token_mask.bool(), tokens.gene_ids - 1, -1),
+            token_states=None if cls_only else genes,
+            token_genes=None
+            if cls_only
+            else torch.where(token_mask.bool(), tokens.gene_ids - 1, -1),
             extra={
                 "gene_ids": tokens.gene_ids,
                 "token_mask": token_mask,
@@ -607,10 +623,13 @@ class CellFMModule(BaseModuleClass):
         unmask: torch.Tensor | None,
         st_feat: torch.Tensor | None,
         hidden_layer: int = -1,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
         """States ``[B, P + L, d]`` after layer ``hidden_layer``.
 
         ``P`` prefix tokens: 1 (CLS) or 3 (CLS, S, T) when ``st_feat`` is given.
+        ``first_token_only``: the CLS states ``[B, 1, d]`` only; the layer read runs its
+        queries, output and feed-forward for CLS alone (inference, no masking).
         """
         gene_ids, token_mask = tokens.gene_ids, tokens.token_mask
         b, length = gene_ids.shape
@@ -642,9 +661,13 @@ class CellFMModule(BaseModuleClass):
             keys_first = keys_first[keep].to(x.dtype)
         n_layers = len(self.encoder)
         stop = hidden_layer % (n_layers + 1)
+        first = False
         for i, layer in enumerate(self.encoder[:stop]):
             mask = keys_first if i < n_layers // 2 else None
-            x = layer(x, key_mask=mask, lengths=lengths)
+            first = first_token_only and i == stop - 1 and not torch.is_grad_enabled()
+            x = layer(x, key_mask=mask, lengths=lengths, first_token_only=first)
+        if first_token_only:  # x holds the CLS rows alone if the last layer ran for CLS alone
+            return (x if first else x[row[:, 0]])[:, None]
         # Back to [B, P + L, d]; padded rows are zero.
         states = x.new_zeros(b, n_prefix + length, x.shape[1])
         states[keep] = x

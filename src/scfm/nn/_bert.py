@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scfm.errors import InvalidInputError
+from scfm.nn._packing import first_rows
 
 __all__ = [
     "BertConfig",
@@ -328,7 +329,7 @@ class BertSelfAttention(nn.Module):
         """
         t, heads, d = x.shape[0], self.num_heads, self.head_dim
         if first_token_only:
-            firsts = _first_rows(lengths, x.device)
+            firsts = first_rows(lengths, x.device)
             q = _fused(x[firsts], self.query).view(-1, heads, 1, d)
             kv = _fused(x, self.key, self.value).view(t, 2, heads, d)
             out = x.new_empty(len(lengths), heads * d)
@@ -363,14 +364,6 @@ def _fused(x: torch.Tensor, *parts: nn.Module) -> torch.Tensor:
         bias = torch.cat([m.bias for m in parts])
         return F.linear(x, weight, bias)
     return torch.cat([m(x) for m in parts], dim=-1)
-
-
-def _first_rows(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Row of each cell's first token in a packed ``[T, H]`` matrix of cells of ``lengths``."""
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    return torch.tensor(starts, dtype=torch.long, device=device)
 
 
 def _runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
@@ -424,7 +417,7 @@ class BertAttention(nn.Module):
     ) -> torch.Tensor:
         """As :meth:`forward`, on packed cells ``[T, H]`` (see :meth:`BertLayer.forward_packed`)."""
         h = x if self.LayerNorm is None else self.LayerNorm(x)
-        residual = x[_first_rows(lengths, x.device)] if first_token_only else x
+        residual = x[first_rows(lengths, x.device)] if first_token_only else x
         return self.output(self.self.forward_packed(h, lengths, first_token_only), residual)
 
 

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from scfm.nn._packing import first_rows
+
 __all__ = [
     "CrossRetentionLayer",
     "GatedLinearUnit",
@@ -128,6 +130,7 @@ class MultiHeadRetention(nn.Module):
         key_mask: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         lengths: Sequence[int] | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
         """Retention of queries ``x`` onto keys / values ``y`` (default ``x``).
 
@@ -144,30 +147,38 @@ class MultiHeadRetention(nn.Module):
         lengths
             Lengths of the packed sequences of ``x`` (they sum to ``T``); each sequence
             retains only onto itself, and no padded token is computed.
+        first_token_only
+            With ``lengths``: only each sequence's first token queries (every token is still
+            a key and value); returns ``[sequences, d]``.
         """
         if lengths is not None and y is not None:
             raise ValueError("packed sequences (lengths) support self-retention only")
+        if first_token_only and lengths is None:
+            raise ValueError("first_token_only needs packed sequences (lengths)")
         y = x if y is None else y
+        rows = None if lengths is None else [int(n) for n in lengths]
+        queries = x[first_rows(rows, x.device)] if first_token_only else x
         # Without autograd the element-wise steps run in place on the projections: fewer
         # passes over the activations and no fresh [tokens x d] buffers.
         inplace = not torch.is_grad_enabled()
-        q = _relu(self._proj("q", x), inplace)
+        q = _relu(self._proj("q", queries), inplace)
         k = _relu(self._proj("k", y), inplace)
         v = self._proj("v", y)
-        u = self._proj("u", x)
+        u = self._proj("u", queries)
         u = nn.functional.silu(u, inplace=inplace)
         if key_mask is not None:
             mask = key_mask[..., None].to(k.dtype)
             k = k.mul_(mask) if inplace else k * mask
-        if lengths is None:
+        if rows is None:
             pairs = [(q[i], k[i], v[i], u[i]) for i in range(x.shape[0])]
         else:
-            rows = [int(n) for n in lengths]
-            pairs = zip(*(t.split(rows) for t in (q, k, v, u)), strict=True)
+            one = [1] * len(rows)
+            q_rows = one if first_token_only else rows
+            pairs = zip(q.split(q_rows), k.split(rows), v.split(rows), u.split(q_rows), strict=True)
         out = [_retain(*pair, self.num_heads, inplace) for pair in pairs]
         if inplace:
             out = u  # _retain wrote each sequence's gated output into its rows of u
-        elif lengths is None:
+        elif rows is None:
             out = torch.stack(out)
         else:
             out = torch.cat(out)
@@ -285,13 +296,18 @@ class RetentionLayer(nn.Module):
         x: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         lengths: Sequence[int] | None = None,
+        first_token_only: bool = False,
     ) -> torch.Tensor:
         """Tokens ``x`` ``[B, L, d]``, or packed ``[T, d]`` with ``lengths``.
 
-        See :meth:`MultiHeadRetention.forward` for ``key_mask`` and ``lengths``.
+        See :meth:`MultiHeadRetention.forward` for ``key_mask``, ``lengths`` and
+        ``first_token_only`` (the layer's output at each sequence's first token only,
+        ``[sequences, d]``: what a ``<cls>`` read needs).
         """
-        out = self.dropout(self.attn(x, key_mask=key_mask, lengths=lengths))
-        x = self.post_norm1(_residual(out, x, self.alpha))
+        out = self.attn(x, key_mask=key_mask, lengths=lengths, first_token_only=first_token_only)
+        if first_token_only:
+            x = x[first_rows(lengths, x.device)]
+        x = self.post_norm1(_residual(self.dropout(out), x, self.alpha))
         out = self.dropout(self.ffn(x))
         return self.post_norm2(_residual(out, x, self.alpha))
 
