@@ -138,13 +138,15 @@ class _Wrapped(torch.nn.Module):
         return self.linear(x)
 
 
-@pytest.mark.parametrize("pre_ln", [False, True])
-def test_packed_inference_matches_a_per_cell_forward(pre_ln, monkeypatch):
-    """Inference drops the padding (packed tokens, groups of cells, fused Q/K/V); every state of
-    every cell must equal an unpadded float64 forward of that cell alone, padding reads 0."""
+def _packed_bert(pre_ln, seed, monkeypatch):
+    """A random 3-layer BERT (non-trivial LayerNorms) and a padded batch whose packed
+    inference covers runs of equal lengths (one attention call each), a 1-token cell and
+    groups of ~2 cells. Returns the model, its HF-named state dict, the activation name, the
+    lengths, ids and key mask."""
     from scfm.nn import _bert
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
+    act = "gelu" if pre_ln else "relu"
     config = _bert.BertConfig(
         vocab_size=60,
         hidden_size=32,
@@ -152,7 +154,7 @@ def test_packed_inference_matches_a_per_cell_forward(pre_ln, monkeypatch):
         num_attention_heads=4,
         intermediate_size=48,
         max_position_embeddings=40,
-        hidden_act="gelu" if pre_ln else "relu",
+        hidden_act=act,
         type_vocab_size=0 if pre_ln else 2,
         pre_layer_norm=pre_ln,
         embedding_layer_norm=not pre_ln,
@@ -162,17 +164,23 @@ def test_packed_inference_matches_a_per_cell_forward(pre_ln, monkeypatch):
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     sd = {f"bert.{k}": v for k, v in model.state_dict().items()}
-    # runs of equal lengths share one attention call; a 1-token cell; groups of ~2 cells
     lengths = torch.tensor([7, 31, 31, 1, 20, 20, 20, 9])
     ids = torch.randint(2, 60, (len(lengths), 31))
     mask = make_key_padding_mask(lengths, 31)
     ids[~mask] = 0
     monkeypatch.setattr(_bert, "GROUP_BYTES", 2 * 31 * 4 * 3 * 32)
+    return model, sd, act, lengths, ids, mask
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_packed_inference_matches_a_per_cell_forward(pre_ln, monkeypatch):
+    """Inference drops the padding (packed tokens, groups of cells, fused Q/K/V); every state of
+    every cell must equal an unpadded float64 forward of that cell alone, padding reads 0."""
+    model, sd, act, lengths, ids, mask = _packed_bert(pre_ln, 0, monkeypatch)
     with torch.no_grad():
         out = model(ids, mask, output_hidden_states=True)
         early = model(ids, mask, output_hidden_states=True, num_layers=2)
     padded = model(ids, mask, output_hidden_states=True)  # training path: padded, masked
-    act = "gelu" if pre_ln else "relu"
     for i, n in enumerate(lengths.tolist()):
         ref = _reference_hidden_states(sd, ids[i, :n].numpy(), 3, 4, pre_ln, act)
         for layer in range(4):
@@ -208,32 +216,7 @@ def test_first_token_only_runs_the_last_layer_for_cls_alone(pre_ln, monkeypatch)
     query, output and MLP for each cell's first token only and must give that token's state
     of the full forward (float64 per-cell reference), at every depth, in groups of cells,
     with an adapted projection, and on the training path."""
-    from scfm.nn import _bert
-
-    torch.manual_seed(1)
-    act = "gelu" if pre_ln else "relu"
-    config = _bert.BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=40,
-        hidden_act=act,
-        type_vocab_size=0 if pre_ln else 2,
-        pre_layer_norm=pre_ln,
-        embedding_layer_norm=not pre_ln,
-    )
-    model = _bert.BertModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    sd = {f"bert.{k}": v for k, v in model.state_dict().items()}
-    lengths = torch.tensor([7, 31, 31, 1, 20, 20, 20, 9])
-    ids = torch.randint(2, 60, (len(lengths), 31))
-    mask = make_key_padding_mask(lengths, 31)
-    ids[~mask] = 0
-    monkeypatch.setattr(_bert, "GROUP_BYTES", 2 * 31 * 4 * 3 * 32)
+    model, sd, act, lengths, ids, mask = _packed_bert(pre_ln, 1, monkeypatch)
     refs = [
         _reference_hidden_states(sd, ids[i, :n].numpy(), 3, 4, pre_ln, act)
         for i, n in enumerate(lengths.tolist())
