@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs_smaps, resident_bytes
 from scfm.errors import (
     CheckpointFormatError,
     CheckpointKeyError,
@@ -160,3 +161,77 @@ def test_windowed_finite_check_of_a_mapped_file_names_every_bad_tensor(tmp_path,
         common.check_finite_torch_file(path, select)
     assert "layer0.weight" in str(err.value) and "layer11.weight" in str(err.value)
     assert "layer5.weight" not in str(err.value)
+
+
+def _spy_loads(monkeypatch, common) -> list[bool]:
+    """Record the ``mmap`` argument of every :func:`load_torch_file` call of ``_common``."""
+    calls: list[bool] = []
+    load = common.load_torch_file
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mmap", False))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(common, "load_torch_file", spy)
+    return calls
+
+
+@needs_smaps
+def test_windowed_finite_check_maps_the_file_once_per_window(tmp_path, monkeypatch):
+    """Each window is checked on a mapping of its own, unmapped before the next: the index is
+    unpickled once per window (the first mapping also plans the windows), about one window of
+    the file is resident at a time and none once the check is done."""
+    import scfm.io._common as common
+
+    path = tmp_path / "w.ckpt"
+    torch.save({f"w{i}": torch.randn(512, 512) for i in range(8)}, path)  # 1 MiB each
+    window = 2 * 512 * 512 * 4
+    monkeypatch.setattr(common, "_FINITE_WINDOW_BYTES", window)
+    loads = _spy_loads(monkeypatch, common)
+    resident: list[int] = []
+    all_finite = common._all_finite
+
+    def measured(tensor):
+        finite = all_finite(tensor)
+        resident.append(resident_bytes(path))
+        return finite
+
+    monkeypatch.setattr(common, "_all_finite", measured)
+    common.check_finite_torch_file(path, lambda obj: obj)
+    assert loads == [True] * 4
+    assert len(resident) == 8
+    # a window plus the kernel's fault-around (64 KiB) at its edges, never two windows
+    assert max(resident) < window + (512 << 10)
+    assert resident_bytes(path) == 0
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_load_finite_torch_file_maps_zip_files_and_reads_legacy_ones_whole(
+    tmp_path, monkeypatch, zip_format
+):
+    """A zip-format file is mapped for the caller and checked on mappings of its own; a
+    legacy one is read whole and checked in memory. Either way a NaN is named, and the
+    layout ``select`` checks is refused before any value is."""
+    import scfm.io._common as common
+
+    state = {"a": torch.randn(4, 4), "b": torch.randn(4), "step": torch.tensor(3)}
+    path = tmp_path / "w.ckpt"
+    torch.save({"model_state_dict": state}, path, _use_new_zipfile_serialization=zip_format)
+    loads = _spy_loads(monkeypatch, common)
+    select = lambda obj: obj["model_state_dict"]  # noqa: E731
+    obj, got = common.load_finite_torch_file(path, select)
+    assert got is obj["model_state_dict"] and set(got) == set(state)
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    # the caller's mapping, then one for the check's single window
+    assert loads == ([True, True] if zip_format else [False])
+
+    state["b"][1] = float("nan")
+    torch.save({"model_state_dict": state}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointFormatError, match=r"NaN or infinite values in b\."):
+        common.load_finite_torch_file(path, select)
+
+    def refuse(obj):
+        raise CheckpointFormatError("not the expected layout")
+
+    with pytest.raises(CheckpointFormatError, match="not the expected layout"):
+        common.load_finite_torch_file(path, refuse)

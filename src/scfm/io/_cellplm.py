@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,7 @@ import pandas as pd
 import torch
 
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError
-from scfm.io._common import (
-    Release,
-    check_finite_state_dict,
-    check_finite_torch_file,
-    load_torch_file,
-)
+from scfm.io._common import Release, load_finite_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -193,28 +188,30 @@ def read_cellplm_state_dict(
     (``assign=True``) and what inference never reads (the decoder, the rows of genes absent
     from the data, the positional table) never enters memory. Load it with
     ``load_state_dict_strict(..., check_finite=False)``: the check was made here, a window of
-    the file at a time (:func:`~scfm.io._common.check_finite_torch_file`).
+    the file at a time (:func:`~scfm.io._common.load_finite_torch_file`).
     """
-    mapped = zipfile.is_zipfile(path)
-    obj = _model_state(load_torch_file(path, trust_checkpoint=trust_checkpoint, mmap=mapped))
+    _, state = load_finite_torch_file(
+        path, lambda obj: _model_state(obj, path), trust_checkpoint=trust_checkpoint
+    )
+    return dict(state)
+
+
+def _model_state(obj: Any, path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The ``model_state_dict`` entry of a loaded ``.best.ckpt`` (or the object, if it has none).
+
+    Raises
+    ------
+    CheckpointFormatError
+        If it is not a non-empty dict of tensors by name.
+    """
+    state = obj["model_state_dict"] if isinstance(obj, dict) and "model_state_dict" in obj else obj
     if (
-        not isinstance(obj, dict)
-        or not obj
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
     ):
         raise CheckpointFormatError(
             f"{str(path)!r} holds no 'model_state_dict' of tensors: it is not a CellPLM "
             ".best.ckpt file."
         )
-    if mapped:
-        check_finite_torch_file(path, _model_state, trust_checkpoint=trust_checkpoint)
-    else:  # torch's legacy format is read whole
-        check_finite_state_dict(obj, what=str(path))
-    return dict(obj)
-
-
-def _model_state(obj: Any) -> Any:
-    """The ``model_state_dict`` entry of a ``.best.ckpt`` (or the object, if it has none)."""
-    if isinstance(obj, dict) and "model_state_dict" in obj:
-        return obj["model_state_dict"]
-    return obj
+    return state

@@ -5,6 +5,8 @@
   needs arbitrary unpickling is refused unless the caller consents with
   ``trust_checkpoint=True``.
 * :func:`load_safetensors_file` reads ``.safetensors`` (never executes code).
+* :func:`load_finite_torch_file` reads a torch file memory-mapped where it can and checks its
+  weights for NaN / inf without making the mapped file resident.
 * :func:`load_state_dict_strict` loads a renamed state dict into a module and reports every
   missing, unexpected and mis-shaped key at once.
 """
@@ -16,6 +18,7 @@ import os
 import pickle
 import pickletools
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ __all__ = [
     "Release",
     "check_finite_state_dict",
     "check_finite_torch_file",
+    "load_finite_torch_file",
     "load_pickle_dict",
     "load_safetensors_file",
     "load_state_dict_strict",
@@ -329,21 +333,85 @@ def check_finite_torch_file(
     def mapped() -> Mapping[str, torch.Tensor]:
         return select(load_torch_file(path, trust_checkpoint=trust_checkpoint, mmap=True))
 
+    # The first window's mapping also plans the windows: sizes and dtypes come from the
+    # file's index, so planning reads no tensor pages and the index is unpickled once per
+    # window, not once more.
+    state: Mapping[str, torch.Tensor] | None = mapped()
+    bad: list[str] = []
+    for names in _finite_windows(state):
+        if state is None:
+            state = mapped()
+        bad += [name for name in names if not _all_finite(state[name])]
+        state = None  # unmapped before the next window: its read pages leave with it
+    _raise_nonfinite(bad, str(path))
+
+
+def _finite_windows(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """The floating tensors of ``state`` by name, in windows of ``_FINITE_WINDOW_BYTES``.
+
+    A tensor larger than a window is a window of its own; there is always one window. Only
+    shapes and dtypes are read. A function of its own so that no loop variable outlives it:
+    one would keep a tensor, and with it the mapping its window read, alive.
+    """
     windows: list[list[str]] = [[]]
     size = 0
-    for name, tensor in mapped().items():
+    for name, tensor in state.items():
         if torch.is_tensor(tensor) and tensor.is_floating_point():
             if size and size + tensor.nbytes > _FINITE_WINDOW_BYTES:
                 windows.append([])
                 size = 0
             windows[-1].append(name)
             size += tensor.nbytes
-    bad: list[str] = []
-    for names in windows:
-        state = mapped()  # dropped before the next window: its read pages leave with it
-        bad += [name for name in names if not _all_finite(state[name])]
-        del state
-    _raise_nonfinite(bad, str(path))
+    return windows
+
+
+def load_finite_torch_file(
+    path: str | os.PathLike,
+    select: Callable[[Any], Mapping[str, torch.Tensor]],
+    *,
+    trust_checkpoint: bool = False,
+) -> tuple[Any, Mapping[str, torch.Tensor]]:
+    """:func:`load_torch_file`, memory-mapped where possible, with every weight checked finite.
+
+    A zip-format torch file (:func:`zipfile.is_zipfile`; ``torch.save``'s format since torch
+    1.6) is memory-mapped: its tensors stay views of the file, so a module that takes them
+    (``assign=True``) holds them once and what it never reads never enters memory. It is
+    checked by :func:`check_finite_torch_file`, a window at a time. A file in torch's legacy
+    format cannot be mapped: it is read whole and checked by :func:`check_finite_state_dict`.
+    Either way, load the tensors with ``load_state_dict_strict(..., check_finite=False)``.
+
+    Parameters
+    ----------
+    path
+        The file.
+    select
+        Returns the state dict to check from the loaded object, raising
+        :class:`~scfm.errors.CheckpointFormatError` if the object is not laid out as expected
+        (it runs before the check, which relies on that layout). It is called again on each
+        window's mapping, so it must not keep references to the tensors.
+    trust_checkpoint
+        As in :func:`load_torch_file`.
+
+    Returns
+    -------
+    The loaded object and ``select`` of it (views of the file when it is mapped).
+
+    Raises
+    ------
+    CheckpointFormatError
+        If the file is empty, truncated or not a torch file, if ``select`` refuses it, or
+        naming every floating tensor holding NaN or inf.
+    UnsafeCheckpointError
+        If the file needs full unpickling and ``trust_checkpoint`` is ``False``.
+    """
+    mapped = zipfile.is_zipfile(path)
+    obj = load_torch_file(path, trust_checkpoint=trust_checkpoint, mmap=mapped)
+    state = select(obj)
+    if mapped:  # not through the caller's mapping, whose read pages would stay resident
+        check_finite_torch_file(path, select, trust_checkpoint=trust_checkpoint)
+    else:
+        check_finite_state_dict(state, what=str(path))
+    return obj, state
 
 
 def _declared(module: torch.nn.Module, attr: str, keys: Iterable[str]) -> list[str]:

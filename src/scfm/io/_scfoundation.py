@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -20,13 +19,7 @@ import pandas as pd
 import torch
 
 from scfm.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidInputError
-from scfm.io._common import (
-    Release,
-    check_finite_state_dict,
-    check_finite_torch_file,
-    load_torch_file,
-    resolve_local_path,
-)
+from scfm.io._common import Release, load_finite_torch_file, resolve_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +209,37 @@ def read_scfoundation_checkpoint(
             f"{', '.join(map(repr, SCFOUNDATION_WEIGHTS))}."
         )
     ckpt, gene_file = resolve_scfoundation_files(path)
-    # Memory-mapped: the file holds three full models (~1.4 GB at release size) but only the
-    # pages of the one asked for are ever read, and its tensors stay views of the file (no
-    # second copy when the module takes them with ``assign=True``). Files written in torch's
-    # legacy (non-zip) format cannot be mapped and are read whole.
-    mapped = zipfile.is_zipfile(ckpt)
-    obj = load_torch_file(ckpt, trust_checkpoint=trust_checkpoint, mmap=mapped)
+    # Memory-mapped unless in torch's legacy format: the file holds three full models (~1.4 GB
+    # at release size) but only the pages of the one asked for are ever read, and its tensors
+    # stay views of the file (no second copy when the module takes them with ``assign=True``).
+    # Its NaN / inf check maps the file a window at a time, so what the model never reads (the
+    # decoder, for cell embeddings) stays out of memory; the model loads with
+    # check_finite=False.
+    obj, state = load_finite_torch_file(
+        ckpt, lambda o: _weight_set(o, ckpt, weights), trust_checkpoint=trust_checkpoint
+    )
+    config = obj[weights]["config"]
+    del obj  # the two other models are not kept
+    genes = read_scfoundation_gene_list(gene_file)
+    files = {"weights": ckpt} if gene_file is None else {"weights": ckpt, "genes": gene_file}
+    logger.info("Read the scFoundation %r model from %s", weights, ckpt)
+    return Release(
+        config=flatten_scfoundation_config(config),
+        state_dict=dict(state),
+        vocabulary=genes,
+        files=files,
+    )
+
+
+def _weight_set(obj: Any, ckpt: Path, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict of the ``weights`` model of a loaded ``models.ckpt``, ``model.`` stripped.
+
+    Raises
+    ------
+    CheckpointFormatError
+        If ``obj`` is not a scFoundation release container, lacks ``weights`` or the entry is
+        not ``{'config': ..., 'state_dict': {name: tensor}}``.
+    """
     if not isinstance(obj, Mapping) or not any(k in obj for k in SCFOUNDATION_WEIGHTS):
         keys = (
             f" with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping) else ""
@@ -236,7 +254,6 @@ def read_scfoundation_checkpoint(
             f"{', '.join(map(repr, obj))}). Pass weights= one of those."
         )
     entry = obj[weights]
-    del obj  # the two other models are not kept
     if not isinstance(entry, Mapping) or "state_dict" not in entry or "config" not in entry:
         raise CheckpointFormatError(
             f"The {weights!r} entry of {str(ckpt)!r} lacks 'config' / 'state_dict'; the file "
@@ -249,24 +266,4 @@ def read_scfoundation_checkpoint(
         raise CheckpointFormatError(
             f"The {weights!r} state_dict of {str(ckpt)!r} is not a mapping of names to tensors."
         )
-    state = {_strip_prefix(k): v for k, v in raw_state.items()}
-    # NaN / inf: a window of the mapped file at a time, so that what the model never reads
-    # (the decoder, for cell embeddings) stays out of memory; the model then loads with
-    # check_finite=False
-    if mapped:
-        check_finite_torch_file(
-            ckpt,
-            lambda o: {_strip_prefix(k): v for k, v in o[weights]["state_dict"].items()},
-            trust_checkpoint=trust_checkpoint,
-        )
-    else:
-        check_finite_state_dict(state, what=str(ckpt))
-    genes = read_scfoundation_gene_list(gene_file)
-    files = {"weights": ckpt} if gene_file is None else {"weights": ckpt, "genes": gene_file}
-    logger.info("Read the scFoundation %r model from %s", weights, ckpt)
-    return Release(
-        config=flatten_scfoundation_config(entry["config"]),
-        state_dict=state,
-        vocabulary=genes,
-        files=files,
-    )
+    return {_strip_prefix(k): v for k, v in raw_state.items()}
