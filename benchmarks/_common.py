@@ -3,19 +3,26 @@
 Every per-model benchmark (``benchmarks/<model>_embed.py``) runs each side (scfm, the
 reference code from a checkout, or a mirror of the reference path written here) in its own
 process and ends with ONE line ``RESULT {json}`` (see ``benchmarks/README.md``), which
-``benchmarks/run.py`` parses. This module imports only the standard library at import time,
-so reference adapters running in another virtual environment can use it too.
+``benchmarks/run.py`` parses. The embedding scripts hand their model's own pieces (release and
+input writers, FLOP count, workers) to :func:`embedding_main`, which does the rest. This
+module imports only the standard library at import time, so reference adapters running in
+another virtual environment can use it too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 #: Prefix of the one machine-readable line each per-model script prints last.
@@ -32,6 +39,20 @@ RESULT_KEYS = (
     "baseline",
 )
 BENCH_DIR = Path(__file__).resolve().parent
+#: The sides a per-model script runs in worker processes (``--worker SIDE``).
+SIDES = ("scfm", "reference", "mirror")
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field (``VmHWM``, ``VmRSS``, ...) of ``/proc/self/status`` in bytes, or None."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_bytes() -> int:
@@ -40,16 +61,17 @@ def peak_rss_bytes() -> int:
     ``VmHWM`` is reset by ``exec``, unlike ``ru_maxrss``, which a child started by
     ``subprocess`` inherits from its parent's high-water mark on Linux.
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (``VmRSS``), in bytes (0 where unknown)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def matmul_peak_gflops(n: int = 1536, repeats: int = 4, trials: int = 3) -> float:
@@ -89,9 +111,49 @@ def set_threads(n: int | None) -> int:
 
 
 def worker_report(**fields: Any) -> None:
-    """Print the worker's JSON line (its own peak RSS and matmul peak are added)."""
+    """Print the worker's JSON line (its own peak RSS is added)."""
     fields.setdefault("peak_rss", peak_rss_bytes())
     print(RESULT_PREFIX + json.dumps(fields), flush=True)
+
+
+def report_embedding(
+    out: str | os.PathLike,
+    z: Any,
+    seconds: float,
+    matmul_gflops: float,
+    *,
+    prepare: float | None = None,
+    total: float | None = None,
+) -> None:
+    """End an embedding worker: save ``z`` (float32) to ``out`` and :func:`worker_report` it.
+
+    Parameters
+    ----------
+    out
+        The ``.npy`` file the driver compares (``--out``).
+    z
+        The embedding, one row per cell.
+    seconds
+        Time of the timed part (the embedding call or forward loop).
+    matmul_gflops
+        The float32 matmul rate measured in this process.
+    prepare
+        Time of a separate preparation step (the reference's tokenising), reported as
+        ``prepare_seconds``.
+    total
+        Time of the whole path, reported as ``total_seconds``.
+    """
+    import numpy as np
+
+    z = np.asarray(z, dtype=np.float32)
+    np.save(out, z)
+    timings = {"prepare_seconds": prepare, "total_seconds": total}
+    worker_report(
+        cells=len(z),
+        seconds=seconds,
+        **{k: v for k, v in timings.items() if v is not None},
+        matmul_gflops=matmul_gflops,
+    )
 
 
 def scfm_embedding_worker(
@@ -109,7 +171,6 @@ def scfm_embedding_worker(
     (``args.batch_size``), saves the embedding to ``args.out`` and reports.
     """
     import anndata as ad
-    import numpy as np
 
     import scfm
 
@@ -121,10 +182,9 @@ def scfm_embedding_worker(
     peak = matmul_peak_gflops()
     with Timer() as t:
         z = model.get_latent_representation(batch_size=args.batch_size, progress_bar=False)
-    np.save(args.out, np.asarray(z, dtype=np.float32))
     # the machine may be shared: the higher of the rates before and after the timed call
     peak = max(peak, matmul_peak_gflops())
-    worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+    report_embedding(args.out, z, t.seconds, peak)
 
 
 def emit_result(**fields: Any) -> None:
@@ -221,6 +281,29 @@ def out_file(work: Path, name: str) -> Path:
     return work / f"{name}.{os.getpid()}.npy"
 
 
+def read_pickle(path: str | os.PathLike) -> Any:
+    """The object pickled in ``path`` (the release dictionaries of Geneformer and scCello)."""
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]]) -> tuple[Any, Any]:
+    """Token ids of ``seqs`` right-padded with 0 to the longest, and the attention mask.
+
+    The minibatch an HF collator builds for the reference BERT models (``<pad>`` is token 0
+    in Geneformer and scCello); returns two ``(len(seqs), longest)`` int64 tensors.
+    """
+    import torch
+
+    n = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.as_tensor(seq)
+        mask[r, : len(seq)] = 1
+    return ids, mask
+
+
 def synthetic_counts(
     n_cells: int, n_genes: int, n_expressed: int, seed: int = 0, spread: float = 0.1
 ):
@@ -259,6 +342,52 @@ def random_tensor(shape: Sequence[int], name: str, generator, fan_in: int | None
     return std * torch.randn(shape, generator=generator)
 
 
+def release_state(
+    tiny: Mapping[str, Any],
+    layer: str,
+    layers: int,
+    value: Callable[[str, str, Any, Any], Any],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A release's weights keyed as a tiny test fixture's, with ``layers`` encoder layers.
+
+    The fixture's layer-0 entries stand for every layer of the release and its other layers'
+    entries are dropped (the fixtures have fewer layers than the releases).
+
+    Parameters
+    ----------
+    tiny
+        The fixture's state dict (its keys are the released ones).
+    layer
+        The part of a key that names an encoder layer, ``{}`` for its index (e.g.
+        ``".layer.{}."``).
+    layers
+        Encoder layers of the release.
+    value
+        ``value(key, tiny_key, tiny_value, generator)``: the release's entry ``key``, which
+        ``tiny_key`` stands for.
+    seed
+        Seed of the one generator every entry is drawn from, in the fixture's key order, so
+        that a release is the same on every run.
+    """
+    import torch
+
+    first = layer.format(0)
+    any_layer = re.compile(re.escape(layer).replace(r"\{\}", r"\d+"))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for tiny_key, tiny_value in tiny.items():
+        if first in tiny_key:
+            keys = [tiny_key.replace(first, layer.format(i)) for i in range(layers)]
+        elif any_layer.search(tiny_key):
+            continue
+        else:
+            keys = [tiny_key]
+        for key in keys:
+            state[key] = value(key, tiny_key, tiny_value, gen)
+    return state
+
+
 def bert_flops(lengths, hidden: int, ffn: int, layers: int, cls_only_last: bool = False) -> float:
     """Matmul FLOPs of a BERT encoder over unpadded sequences of the given lengths.
 
@@ -276,7 +405,11 @@ def bert_flops(lengths, hidden: int, ffn: int, layers: int, cls_only_last: bool 
     return float(total)
 
 
-def add_cli(parser, reference_help: str) -> None:
+#: A worker of a per-model script: runs one side in this process, given the parsed options.
+Worker = Callable[[argparse.Namespace], None]
+
+
+def add_cli(parser: argparse.ArgumentParser, reference_help: str) -> None:
     """The options every per-model script shares (driver and hidden worker options)."""
     parser.add_argument("--cells", type=int, help="cells to embed (default: release-size run)")
     parser.add_argument("--quick", action="store_true", help="fewer cells")
@@ -287,12 +420,12 @@ def add_cli(parser, reference_help: str) -> None:
     parser.add_argument("--threads", type=int, help="torch threads per worker")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--worker", choices=["scfm", "reference", "mirror"], help="(internal)")
+    parser.add_argument("--worker", choices=SIDES, help="(internal)")
     for a in ("--release", "--data", "--out"):
         parser.add_argument(a, help="(internal)")
 
 
-def run_worker_if_asked(args, **workers) -> bool:
+def run_worker_if_asked(args: argparse.Namespace, **workers: Worker) -> bool:
     """In a worker process (``--worker SIDE``), run ``workers[SIDE](args)`` and return True."""
     if not args.worker:
         return False
@@ -300,7 +433,43 @@ def run_worker_if_asked(args, **workers) -> bool:
     return True
 
 
-def run_sides(script: str, name: str, args, common: list[str]) -> tuple[dict, dict, str, dict]:
+def chosen_baseline(args: argparse.Namespace) -> str:
+    """``"reference"`` when a checkout is given (``--reference-dir``), else ``"mirror"``."""
+    return "reference" if args.reference_dir else "mirror"
+
+
+def worker_commands(
+    script: str,
+    args: argparse.Namespace,
+    common: Sequence[str],
+    out_scfm: str | os.PathLike,
+    out_baseline: str | os.PathLike,
+) -> tuple[list[str], list[str]]:
+    """Command lines of the scfm worker and the baseline worker of ``script``.
+
+    Both get ``common`` (and ``--threads``); the scfm side gets ``--batch-size``; the
+    baseline (:func:`chosen_baseline`) runs with the reference's interpreter where a checkout
+    is given, since the reference code needs its own environment.
+    """
+    common = list(common)
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    scfm = [sys.executable, script, "--worker", "scfm", *common, "--out", str(out_scfm)]
+    if args.batch_size:
+        scfm += ["--batch-size", str(args.batch_size)]
+    python = sys.executable
+    if args.reference_dir:
+        python = reference_python(args.reference_dir, args.reference_python)
+    baseline = [python, script, "--worker", chosen_baseline(args), *common]
+    baseline += ["--out", str(out_baseline)]
+    if args.reference_dir:
+        baseline += ["--reference-dir", args.reference_dir]
+    return scfm, baseline
+
+
+def run_sides(
+    script: str, name: str, args: argparse.Namespace, common: list[str]
+) -> tuple[dict, dict, str, dict]:
     """Run the scfm worker then the baseline worker (reference or mirror) of ``script``.
 
     Returns both reports, the baseline kind and the embedding comparison (both sides save
@@ -309,31 +478,129 @@ def run_sides(script: str, name: str, args, common: list[str]) -> tuple[dict, di
     import numpy as np
 
     work = work_dir(args.work_dir)
-    if args.threads:
-        common = [*common, "--threads", str(args.threads)]
+    kind = chosen_baseline(args)
     out_s = out_file(work, f"z-{name}-scfm")
-    s_argv = [sys.executable, script, "--worker", "scfm", *common, "--out", str(out_s)]
-    if args.batch_size:
-        s_argv += ["--batch-size", str(args.batch_size)]
-    scfm = run_worker(s_argv, timeout=args.timeout)
-    kind = "reference" if args.reference_dir else "mirror"
     out_b = out_file(work, f"z-{name}-{kind}")
+    scfm_cmd, base_cmd = worker_commands(script, args, common, out_s, out_b)
+    scfm = run_worker(scfm_cmd, timeout=args.timeout)
     if args.skip_baseline:
         base: dict = {"error": "skipped"}
     else:
-        py = sys.executable
-        if args.reference_dir:
-            py = reference_python(args.reference_dir, args.reference_python)
-        b_argv = [py, script, "--worker", kind, *common, "--out", str(out_b)]
-        if args.reference_dir:
-            b_argv += ["--reference-dir", args.reference_dir]
-        base = run_worker(b_argv, timeout=args.timeout)
+        base = run_worker(base_cmd, timeout=args.timeout)
     cmp: dict = {}
     if "error" not in scfm and "error" not in base:
         cmp = compare_embeddings(np.load(out_s), np.load(out_b))
     for f in (out_s, out_b):
         f.unlink(missing_ok=True)
     return scfm, base, kind, cmp
+
+
+@dataclass(frozen=True)
+class EmbeddingBenchmark:
+    """What an embedding benchmark measures, the model's own pieces (:func:`embedding_main`).
+
+    Attributes
+    ----------
+    name
+        The ``model`` of the RESULT line; also names the cached release (``<name>``), the
+        input (``<name>-cells<n><data_tag>.h5ad``) and the embeddings the workers save.
+    model_class
+        The ``scfm.model`` class the scfm side embeds with (:func:`scfm_embedding_worker`).
+    cells
+        Cells embedded by default (the release-size run) and with ``--quick``.
+    write_release
+        ``write_release(directory)``: write a random release of the released size there.
+    write_data
+        ``write_data(path, release, n_cells)``: write the ``.h5ad`` of raw counts.
+    workload
+        ``workload(data, release, n_cells)``: the FLOPs the scfm side must do (for
+        ``gflop_per_s``) and the input statistics reported next to them, such as
+        ``{"mean_tokens": ...}``.
+    setup
+        Extra ``setup_anndata`` arguments of the scfm side.
+    load
+        Extra ``from_pretrained`` arguments of the scfm side.
+    data_tag
+        Appended to the input's file name, so that inputs drawn differently by another
+        version of the script are not taken from the cache.
+    worker_options
+        The script's own options that both workers need, put before ``--release``.
+    """
+
+    name: str
+    model_class: str
+    cells: tuple[int, int]
+    write_release: Callable[[Path], object]
+    write_data: Callable[[Path, Path, int], object]
+    workload: Callable[[Path, Path, int], tuple[float, dict[str, float]]]
+    setup: dict[str, Any] | None = None
+    load: dict[str, Any] | None = None
+    data_tag: str = ""
+    worker_options: tuple[str, ...] = ()
+
+
+def embedding_main(
+    argv: Sequence[str] | None,
+    script: ModuleType,
+    benchmark: EmbeddingBenchmark | Callable[[argparse.Namespace], EmbeddingBenchmark],
+    *,
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> dict:
+    """The ``main`` of a per-model embedding script: options, workers, release, run, RESULT.
+
+    Parses the shared options (:func:`add_cli`); in a worker process runs that worker and
+    returns ``{}``. Otherwise writes the release and the input once (cached in the work dir),
+    runs both sides (:func:`run_sides`), prints the summary and, last, the ``RESULT`` line.
+
+    Parameters
+    ----------
+    argv
+        Command line (default: ``sys.argv[1:]``).
+    script
+        The script's module (``sys.modules[__name__]``), which provides the command line
+        and the processes: the first line of its docstring describes it in ``--help``, its
+        file runs again for each worker, ``REFERENCE`` is the help of ``--reference-dir``
+        (which checkout it takes), and ``worker_reference`` and ``worker_mirror`` run the
+        baseline sides (``--worker reference|mirror``; the scfm side is the same for every
+        model: :func:`scfm_embedding_worker`).
+    benchmark
+        The model's pieces, or a function of the parsed options that returns them (where
+        they depend on the script's own options, such as Geneformer's ``--variant``).
+    add_options
+        Adds the script's own options, before the shared ones.
+
+    Returns
+    -------
+    dict
+        The RESULT fields (``{}`` in a worker process).
+    """
+    parser = argparse.ArgumentParser(description=(script.__doc__ or "").partition("\n")[0])
+    if add_options is not None:
+        add_options(parser)
+    add_cli(parser, script.REFERENCE)
+    args = parser.parse_args(argv)
+    spec = benchmark(args) if callable(benchmark) else benchmark
+
+    def worker_scfm(worker_args: argparse.Namespace) -> None:
+        scfm_embedding_worker(worker_args, spec.model_class, setup=spec.setup, load=spec.load)
+
+    baselines = {side: getattr(script, f"worker_{side}") for side in ("reference", "mirror")}
+    if run_worker_if_asked(args, scfm=worker_scfm, **baselines):
+        return {}
+    n = args.cells or spec.cells[1 if args.quick else 0]
+    work = work_dir(args.work_dir)
+    release = build_once(work / spec.name, spec.write_release)
+    data = build_once(
+        work / f"{spec.name}-cells{n}{spec.data_tag}.h5ad",
+        lambda path: spec.write_data(path, release, n),
+    )
+    common = [*spec.worker_options, "--release", str(release), "--data", str(data)]
+    scfm, base, kind, cmp = run_sides(script.__file__, spec.name, args, common)
+    flops, stats = spec.workload(data, release, n)
+    res = summarise(spec.name, scfm, base, kind, flops, {"cells": n, **stats, **cmp})
+    print_summary(res)
+    emit_result(**res)
+    return res
 
 
 def compare_embeddings(a, b) -> dict:
@@ -378,21 +645,6 @@ def summarise(
                 out[f"baseline_{k}"] = baseline[k]
     out.update(extra or {})
     return out
-
-
-def report(
-    model: str,
-    scfm: dict,
-    baseline: dict,
-    baseline_kind: str,
-    flops: float | None,
-    extra: dict | None = None,
-) -> dict:
-    """:func:`summarise` the two sides, print the summary and the ``RESULT`` line; return it."""
-    res = summarise(model, scfm, baseline, baseline_kind, flops, extra)
-    print_summary(res)
-    emit_result(**res)
-    return res
 
 
 def print_summary(res: dict) -> None:

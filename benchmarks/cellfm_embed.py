@@ -34,7 +34,6 @@ checkpoint (optimizer moments included) is read into memory, as ``ms.load_checkp
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -42,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 D, LAYERS, HEADS, N_GENES_80M, GENE_ROWS_80M, BINS = 1536, 2, 48, 27_855, 27_856, 256
-CELLS, QUICK_CELLS = 16, 8
+CELLS = (16, 8)  # cells embedded: default, --quick
 #: 1,665-2,035 expressed genes per cell: below the 2,047-gene cap, beyond which both sides
 #: subsample a cell's genes at random (the reference unseeded), so embeddings would differ
 N_INPUT_GENES, N_EXPRESSED = 4000, 1850
+REFERENCE = "checkout of biomed-AI/CellFM (run with a MindSpore interpreter)"
 FIXTURE = C.BENCH_DIR.parent / "tests" / "data" / "fixtures" / "cellfm" / "checkpoint"
 
 
@@ -93,7 +93,7 @@ def write_release(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def write_data(path: Path, n_cells: int, seed: int = 4) -> Path:
+def write_data(path: Path, _release: Path, n_cells: int, seed: int = 4) -> Path:
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -126,8 +126,20 @@ def cellfm_flops(tokens: float, cells: int = 0) -> float:
     return tokens * (per_token - layer + last_all) + cells * last_cls
 
 
-def worker_scfm(args) -> None:
-    C.scfm_embedding_worker(args, "CellFM")
+def workload(data: Path, _release: Path, n_cells: int) -> tuple[float, dict[str, float]]:
+    """FLOPs of the scfm embedding and the mean tokens (CLS + expressed genes) per cell."""
+    import anndata as ad
+
+    x = ad.read_h5ad(data).X
+    tokens = float((x > 0).sum()) + n_cells  # + CLS; no cell exceeds the 2,047-gene cap
+    # the default embedding reads the last layer at CLS: only that work is counted
+    return cellfm_flops(tokens, n_cells), {"mean_tokens": tokens / n_cells}
+
+
+# data_tag: inputs of other per-cell gene counts were cached under other names
+BENCHMARK = C.EmbeddingBenchmark(
+    "cellfm", "CellFM", CELLS, write_release, write_data, workload, data_tag=f"-g{N_EXPRESSED}"
+)
 
 
 NOTEBOOK = "tutorials/BatchIntegration/BatchIntegration.ipynb"
@@ -213,14 +225,9 @@ def worker_reference(args) -> None:
                 ]
         finally:
             os.chdir(cwd)
-    z = np.concatenate(z).astype(np.float32)
-    np.save(args.out, z)
-    C.worker_report(
-        cells=len(z),
-        seconds=t.seconds,
-        prepare_seconds=t_prep.seconds,
-        total_seconds=t.seconds + t_prep.seconds,
-        matmul_gflops=peak,
+    z = np.concatenate(z)
+    C.report_embedding(
+        args.out, z, t.seconds, peak, prepare=t_prep.seconds, total=t.seconds + t_prep.seconds
     )
 
 
@@ -344,39 +351,15 @@ def worker_mirror(args) -> None:
             batch = _mirror_pad(data[start : start + REF_BATCH], gene)
             emb = _mirror_backbone(w, *(torch.from_numpy(a) for a in batch))
             z.append(emb[:, 0].numpy())
-    z = np.concatenate(z).astype(np.float32)
-    np.save(args.out, z)
     peak = max(peak, C.matmul_peak_gflops())
-    C.worker_report(
-        cells=len(z),
-        seconds=t.seconds,
-        prepare_seconds=t_prep.seconds,
-        total_seconds=t.seconds + t_prep.seconds,
-        matmul_gflops=peak,
+    z = np.concatenate(z)
+    C.report_embedding(
+        args.out, z, t.seconds, peak, prepare=t_prep.seconds, total=t.seconds + t_prep.seconds
     )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import anndata as ad
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_cli(parser, "checkout of biomed-AI/CellFM (run with a MindSpore interpreter)")
-    args = parser.parse_args(argv)
-    if C.run_worker_if_asked(
-        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
-    ):
-        return {}
-    n = args.cells or (QUICK_CELLS if args.quick else CELLS)
-    work = C.work_dir(args.work_dir)
-    release = C.build_once(work / "cellfm", write_release)
-    data = C.build_once(work / f"cellfm-cells{n}-g{N_EXPRESSED}.h5ad", lambda p: write_data(p, n))
-    common = ["--release", str(release), "--data", str(data)]
-    scfm, base, kind, cmp = C.run_sides(__file__, "cellfm", args, common)
-    x = ad.read_h5ad(data).X
-    tokens = float((x > 0).sum()) + n  # + CLS; no cell exceeds the 2,047-gene cap
-    extra = {"cells": n, "mean_tokens": tokens / n, **cmp}
-    # the default embedding reads the last layer at CLS: only that work is counted
-    return C.report("cellfm", scfm, base, kind, cellfm_flops(tokens, n), extra)
+    return C.embedding_main(argv, sys.modules[__name__], BENCHMARK)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ so the reference reads them as ONE sentence; then runs each side in its own proc
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -33,8 +32,9 @@ import _common as C
 PREFIX = "20231027_85M"
 ENC, LAYERS, HEADS, POST, DEC, N_VOCAB = 1024, 4, 8, 512, 1024, 19374
 BATCH_NUM, DATASET_NUM = 12596, 484
-CELLS, QUICK_CELLS = 2000, 1000
+CELLS = (2000, 1000)  # cells embedded: default, --quick
 N_GENES, N_EXPRESSED = 5000, 1500
+REFERENCE = "checkout of OmicsML/CellPLM (or the unpacked cellplm wheel)"
 FIXTURE = C.BENCH_DIR.parent / "tests" / "data" / "fixtures" / "cellplm" / "checkpoint"
 
 
@@ -63,25 +63,20 @@ def write_release(directory: Path, seed: int = 0) -> Path:
         tiny_cfg["batch_num"]: BATCH_NUM,
         tiny_cfg["dataset_num"]: DATASET_NUM,
     }
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in tiny.items():
-        keys = [key]
-        if key.startswith("encoder.layers."):
-            if not key.startswith("encoder.layers.0."):
-                continue
-            keys = [key.replace("layers.0.", f"layers.{i}.") for i in range(LAYERS)]
+
+    def draw(key: str, tiny_key: str, value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         shape = []
         for j, s in enumerate(value.shape):
             if s == te:
-                post = (key.startswith("latent.") and j == 0) or (
-                    key == "decoder.layers.0.0.weight" and j == 1
+                post = (tiny_key.startswith("latent.") and j == 0) or (
+                    tiny_key == "decoder.layers.0.0.weight" and j == 1
                 )
                 shape.append(POST if post else ENC)
             else:
                 shape.append(fixed.get(s, s))
-        for k in keys:
-            state[k] = C.random_tensor(shape, k, gen)
+        return C.random_tensor(shape, key, gen)
+
+    state = C.release_state(tiny, "encoder.layers.{}.", LAYERS, draw, seed)
     torch.save({"model_state_dict": state}, directory / f"{PREFIX}.best.ckpt")
     cfg = dict(
         tiny_cfg,
@@ -99,7 +94,7 @@ def write_release(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def write_data(path: Path, n_cells: int, seed: int = 3) -> Path:
+def write_data(path: Path, _release: Path, n_cells: int, seed: int = 3) -> Path:
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -124,15 +119,29 @@ def cellplm_flops(nnz: float, n_cells: int) -> float:
     return 2 * nnz * ENC + n_cells * per_cell
 
 
+def workload(data: Path, _release: Path, n_cells: int) -> tuple[float, dict[str, float]]:
+    """FLOPs of the scfm embedding and the expressed genes per cell."""
+    import anndata as ad
+
+    nnz = ad.read_h5ad(data).X.nnz
+    return cellplm_flops(nnz, n_cells), {"nnz_per_cell": nnz / n_cells}
+
+
+BENCHMARK = C.EmbeddingBenchmark(
+    name="cellplm",
+    model_class="CellPLM",
+    cells=CELLS,
+    write_release=write_release,
+    write_data=write_data,
+    workload=workload,
+    setup={"batch_key": "batch"},  # the reference's sentences: its "batch" column
+    load={"prefix": PREFIX},
+)
+
+
 # --------------------------------------------------------------------------- workers
-def worker_scfm(args) -> None:
-    # the reference's sentences: its "batch" column
-    C.scfm_embedding_worker(args, "CellPLM", setup={"batch_key": "batch"}, load={"prefix": PREFIX})
-
-
 def worker_reference(args) -> None:
     import anndata as ad
-    import numpy as np
 
     C.set_threads(args.threads)
     ref = Path(args.reference_dir).resolve()
@@ -144,9 +153,7 @@ def worker_reference(args) -> None:
     peak = C.matmul_peak_gflops()
     with C.Timer() as t:
         z = pipeline.predict(adata, device="cpu", ensembl_auto_conversion=False)
-    z = z.detach().cpu().numpy().astype(np.float32)
-    np.save(args.out, z)
-    C.worker_report(cells=len(z), seconds=t.seconds, matmul_gflops=peak)
+    C.report_embedding(args.out, z.detach().cpu().numpy(), t.seconds, peak)
 
 
 def _flow_attention(x, p, pre: str, heads: int, eps: float = 1e-6):
@@ -213,29 +220,11 @@ def worker_mirror(args) -> None:
         )
         z = F.linear(h, p["latent.layers.1.hid_2mu.weight"], p["latent.layers.1.hid_2mu.bias"])
         F.linear(h, p["latent.layers.1.hid_2sigma.weight"], p["latent.layers.1.hid_2sigma.bias"])
-    np.save(args.out, z.numpy())
-    C.worker_report(cells=adata.n_obs, seconds=t.seconds, matmul_gflops=peak)
+    C.report_embedding(args.out, z.numpy(), t.seconds, peak)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import anndata as ad
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_cli(parser, "checkout of OmicsML/CellPLM (or the unpacked cellplm wheel)")
-    args = parser.parse_args(argv)
-    if C.run_worker_if_asked(
-        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
-    ):
-        return {}
-    n = args.cells or (QUICK_CELLS if args.quick else CELLS)
-    work = C.work_dir(args.work_dir)
-    release = C.build_once(work / "cellplm", write_release)
-    data = C.build_once(work / f"cellplm-cells{n}.h5ad", lambda p: write_data(p, n))
-    common = ["--release", str(release), "--data", str(data)]
-    scfm, base, kind, cmp = C.run_sides(__file__, "cellplm", args, common)
-    nnz = ad.read_h5ad(data).X.nnz
-    extra = {"cells": n, "nnz_per_cell": nnz / n, **cmp}
-    return C.report("cellplm", scfm, base, kind, cellplm_flops(nnz, n), extra)
+    return C.embedding_main(argv, sys.modules[__name__], BENCHMARK)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
 #: A Geneformer small enough that 200k cells embed in minutes on 2 CPU cores.
 ARCH = {
     "variant": "V1",
@@ -52,25 +55,6 @@ def write_dataset(path: Path, n_cells: int, seed: int = 0) -> np.ndarray:
     return source
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process image in MB.
-
-    ``/proc/self/status`` ``VmHWM`` is reset by ``exec``; ``ru_maxrss`` is not (on Linux a
-    child started by ``subprocess`` inherits the parent's high-water mark at fork, which
-    here would be the memory used to write the data set).
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(path: str, out: str, batch_size: int) -> None:
     """Embed a backed file in this (fresh) process; save embeddings and peak RSS."""
     import anndata as ad
@@ -87,7 +71,9 @@ def child(path: str, out: str, batch_size: int) -> None:
     z = model.get_latent_representation(batch_size=batch_size, progress_bar=False)
     seconds = time.perf_counter() - start
     np.save(out, z)
-    peak_mb = _peak_rss_mb()
+    # VmHWM, not ru_maxrss: a child started by subprocess inherits the parent's high-water
+    # mark at fork, which here would be the memory used to write the data set
+    peak_mb = C.peak_rss_bytes() / 2**20
     print(json.dumps({"peak_rss_mb": peak_mb, "seconds": seconds}))
 
 

@@ -55,10 +55,10 @@ VARIANTS = {
         "suffix": "gc104M",
     },
 }
-CELLS = {"V1": 40, "V2": 8}
-QUICK_CELLS = {"V1": 16, "V2": 4}
+CELLS = {"V1": (40, 16), "V2": (8, 4)}  # cells embedded: default, --quick
 N_GENES, N_EXPRESSED = 3000, 1900
 REF_BATCH = 100  # EmbExtractor's default forward_batch_size
+REFERENCE = "checkout of ctheodoris/Geneformer"
 
 
 # --------------------------------------------------------------------------- release files
@@ -70,18 +70,14 @@ def _resource(name: str) -> Path:
 
 def _dictionaries(variant: str) -> dict[str, dict]:
     """Token, median, name and mapping dictionaries of the release (real where scfm ships them)."""
-    with open(_resource("token_dictionary_gc30M.pkl"), "rb") as fh:
-        tokens_v1 = pickle.load(fh)
-    with open(_resource("gene_median_dictionary_gc30M.pkl"), "rb") as fh:
-        medians_v1 = pickle.load(fh)
-    with open(_resource("gene_name_id_dict_gc30M.pkl"), "rb") as fh:
-        names = pickle.load(fh)
+    tokens_v1 = C.read_pickle(_resource("token_dictionary_gc30M.pkl"))
+    medians_v1 = C.read_pickle(_resource("gene_median_dictionary_gc30M.pkl"))
+    names = C.read_pickle(_resource("gene_name_id_dict_gc30M.pkl"))
     if variant == "V1":
         tokens = tokens_v1
         medians = medians_v1
     else:
-        with open(_resource("token_dictionary_gc104M.pkl"), "rb") as fh:
-            tokens = pickle.load(fh)
+        tokens = C.read_pickle(_resource("token_dictionary_gc104M.pkl"))
         # the V2 median dictionary is not available offline: V1 medians where known, else
         # distinct values near 1.5 (no ties in the ranking, so both sides' sorts agree)
         genes_v2 = [g for g in tokens if not g.startswith("<")]
@@ -100,6 +96,11 @@ def _dictionaries(variant: str) -> dict[str, dict]:
     }
 
 
+def _weight_and_bias(name: str, *shape: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the ``weight`` and ``bias`` of a dense layer or LayerNorm, in that order."""
+    return {f"{name}.weight": shape, f"{name}.bias": shape[:1]}
+
+
 def write_release(directory: Path, variant: str, seed: int = 0) -> Path:
     """A random Geneformer release (HF BertForMaskedLM layout) of the released size."""
     import torch
@@ -116,37 +117,25 @@ def write_release(directory: Path, variant: str, seed: int = 0) -> Path:
             pickle.dump(d, fh)
     vocab = len(dicts["token_dictionary"])
     h, f, p = spec["hidden"], spec["ffn"], spec["positions"]
+    # the random weights are drawn in this key order: keep it, or the release changes
     shapes: dict[str, tuple[int, ...]] = {
         "bert.embeddings.word_embeddings.weight": (vocab, h),
         "bert.embeddings.position_embeddings.weight": (p, h),
         "bert.embeddings.token_type_embeddings.weight": (2, h),
-        "bert.embeddings.LayerNorm.weight": (h,),
-        "bert.embeddings.LayerNorm.bias": (h,),
+        **_weight_and_bias("bert.embeddings.LayerNorm", h),
     }
     for i in range(spec["layers"]):
         pre = f"bert.encoder.layer.{i}."
         for m in ("query", "key", "value"):
-            shapes[f"{pre}attention.self.{m}.weight"] = (h, h)
-            shapes[f"{pre}attention.self.{m}.bias"] = (h,)
-        shapes[f"{pre}attention.output.dense.weight"] = (h, h)
-        shapes[f"{pre}attention.output.dense.bias"] = (h,)
-        shapes[f"{pre}attention.output.LayerNorm.weight"] = (h,)
-        shapes[f"{pre}attention.output.LayerNorm.bias"] = (h,)
-        shapes[f"{pre}intermediate.dense.weight"] = (f, h)
-        shapes[f"{pre}intermediate.dense.bias"] = (f,)
-        shapes[f"{pre}output.dense.weight"] = (h, f)
-        shapes[f"{pre}output.dense.bias"] = (h,)
-        shapes[f"{pre}output.LayerNorm.weight"] = (h,)
-        shapes[f"{pre}output.LayerNorm.bias"] = (h,)
-    shapes.update(
-        {
-            "cls.predictions.bias": (vocab,),
-            "cls.predictions.transform.dense.weight": (h, h),
-            "cls.predictions.transform.dense.bias": (h,),
-            "cls.predictions.transform.LayerNorm.weight": (h,),
-            "cls.predictions.transform.LayerNorm.bias": (h,),
-        }
-    )
+            shapes.update(_weight_and_bias(f"{pre}attention.self.{m}", h, h))
+        shapes.update(_weight_and_bias(f"{pre}attention.output.dense", h, h))
+        shapes.update(_weight_and_bias(f"{pre}attention.output.LayerNorm", h))
+        shapes.update(_weight_and_bias(f"{pre}intermediate.dense", f, h))
+        shapes.update(_weight_and_bias(f"{pre}output.dense", h, f))
+        shapes.update(_weight_and_bias(f"{pre}output.LayerNorm", h))
+    shapes["cls.predictions.bias"] = (vocab,)
+    shapes.update(_weight_and_bias("cls.predictions.transform.dense", h, h))
+    shapes.update(_weight_and_bias("cls.predictions.transform.LayerNorm", h))
     gen = torch.Generator().manual_seed(seed)
     state = {k: C.random_tensor(s, k, gen).contiguous() for k, s in shapes.items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -176,8 +165,18 @@ def write_release(directory: Path, variant: str, seed: int = 0) -> Path:
     return directory
 
 
-def write_data(path: Path, variant: str, n_cells: int, seed: int = 1) -> Path:
-    """Raw counts over 3,000 vocabulary genes; obs n_counts, orig_index; var ensembl_id."""
+def write_data(
+    path: Path,
+    variant: str,
+    n_cells: int,
+    n_expressed: int = N_EXPRESSED,
+    seed: int = 1,
+    spread: float = 0.1,
+) -> Path:
+    """Raw counts over 3,000 vocabulary genes; obs n_counts, orig_index; var ensembl_id.
+
+    Each cell expresses ``n_expressed * (1 +- spread)`` genes (:func:`_common.synthetic_counts`).
+    """
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -186,7 +185,7 @@ def write_data(path: Path, variant: str, n_cells: int, seed: int = 1) -> Path:
         return path
     tokens = _dictionaries(variant)["token_dictionary"]
     genes = [g for g in tokens if not g.startswith("<")][:N_GENES]
-    x = C.synthetic_counts(n_cells, len(genes), N_EXPRESSED, seed=seed)
+    x = C.synthetic_counts(n_cells, len(genes), n_expressed, seed=seed, spread=spread)
     obs = pd.DataFrame(
         {"n_counts": np.asarray(x.sum(1)).ravel(), "orig_index": np.arange(n_cells)},
         index=[f"cell{i}" for i in range(n_cells)],
@@ -204,19 +203,44 @@ def token_lengths(data: Path, release: Path, variant: str) -> list[int]:
 
     spec = VARIANTS[variant]
     adata = ad.read_h5ad(data)
-    with open(release / f"token_dictionary_{spec['suffix']}.pkl", "rb") as fh:
-        tokens = pickle.load(fh)
+    tokens = C.read_pickle(release / f"token_dictionary_{spec['suffix']}.pkl")
     keep = np.array([g in tokens for g in adata.var_names])
     nnz = np.asarray((adata.X[:, keep] > 0).sum(1)).ravel()
     specials = 2 if variant == "V2" else 0
     return [int(min(n, spec["positions"] - specials) + specials) for n in nnz]
 
 
+def workload(data: Path, release: Path, variant: str) -> tuple[float, dict[str, float]]:
+    """FLOPs of the scfm embedding and the mean tokens per cell."""
+    spec = VARIANTS[variant]
+    lengths = token_lengths(data, release, variant)
+    # the default embedding reads layer n-1: the last layer is work the model need not do;
+    # V2 reads it at <cls> (V1 averages its genes), so layer n-1 runs one query per cell
+    cls = variant == "V2"
+    flops = C.bert_flops(lengths, spec["hidden"], spec["ffn"], spec["layers"] - 1, cls)
+    return flops, {"mean_tokens": sum(lengths) / len(lengths)}
+
+
+def add_variant(parser: argparse.ArgumentParser) -> None:
+    """This script's own option: which release (``--variant V1|V2``)."""
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="V1")
+
+
+def benchmark(args: argparse.Namespace) -> C.EmbeddingBenchmark:
+    """The pieces of the ``--variant`` run."""
+    variant = args.variant
+    return C.EmbeddingBenchmark(
+        name=f"geneformer-{variant}",
+        model_class="Geneformer",
+        cells=CELLS[variant],
+        write_release=lambda directory: write_release(directory, variant),
+        write_data=lambda path, _release, n: write_data(path, variant, n),
+        workload=lambda data, release, _n: workload(data, release, variant),
+        worker_options=("--variant", variant),
+    )
+
+
 # --------------------------------------------------------------------------- workers
-def worker_scfm(args) -> None:
-    C.scfm_embedding_worker(args, "Geneformer")
-
-
 def _cpu_only_cuda() -> None:
     """Map the reference's hard-coded ``"cuda"`` device strings to the CPU (no file changed)."""
     import torch
@@ -311,13 +335,13 @@ def worker_reference(args) -> None:
             )
             df = embex.extract_embs(args.release, f"{tmp}/tok.dataset", tmp, "embs")
     z = df.sort_values("orig_index").drop(columns=["orig_index"]).to_numpy(np.float32)
-    np.save(args.out, z)
-    C.worker_report(
-        cells=len(z),
-        seconds=timings["forward"],
-        prepare_seconds=t_tok.seconds,
-        total_seconds=t_all.seconds + t_tok.seconds,
-        matmul_gflops=peak,
+    C.report_embedding(
+        args.out,
+        z,
+        timings["forward"],
+        peak,
+        prepare=t_tok.seconds,
+        total=t_all.seconds + t_tok.seconds,
     )
 
 
@@ -326,10 +350,8 @@ def _reference_tokens(adata, release: Path, variant: str) -> list[list[int]]:
     import numpy as np
 
     spec = VARIANTS[variant]
-    with open(release / f"token_dictionary_{spec['suffix']}.pkl", "rb") as fh:
-        tokens = pickle.load(fh)
-    with open(release / f"gene_median_dictionary_{spec['suffix']}.pkl", "rb") as fh:
-        medians = pickle.load(fh)
+    tokens = C.read_pickle(release / f"token_dictionary_{spec['suffix']}.pkl")
+    medians = C.read_pickle(release / f"gene_median_dictionary_{spec['suffix']}.pkl")
     keep = np.array([g in tokens and g in medians for g in adata.var_names])
     genes = adata.var_names[keep]
     ids = np.array([tokens[g] for g in genes])
@@ -367,12 +389,7 @@ def worker_mirror(args) -> None:
     with C.Timer() as t, torch.no_grad():
         for s in range(0, len(order), REF_BATCH):
             idx = order[s : s + REF_BATCH]
-            n = max(len(seqs[i]) for i in idx)
-            ids = torch.zeros(len(idx), n, dtype=torch.long)
-            mask = torch.zeros(len(idx), n, dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, : len(seqs[i])] = torch.as_tensor(seqs[i])
-                mask[r, : len(seqs[i])] = 1
+            ids, mask = C.pad_sequences([seqs[i] for i in idx])
             h = model(input_ids=ids, attention_mask=mask).hidden_states[layer]
             if args.variant == "V2":
                 emb = h[:, 0]
@@ -380,40 +397,12 @@ def worker_mirror(args) -> None:
                 w = mask[..., None].float()
                 emb = (h * w).sum(1) / w.sum(1)
             z[idx] = emb.numpy()
-    np.save(args.out, z)
-    C.worker_report(
-        cells=len(seqs), seconds=t.seconds, prepare_seconds=t_tok.seconds, matmul_gflops=peak
-    )
+    C.report_embedding(args.out, z, t.seconds, peak, prepare=t_tok.seconds)
 
 
 # --------------------------------------------------------------------------- driver
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="V1")
-    C.add_cli(parser, "checkout of ctheodoris/Geneformer")
-    args = parser.parse_args(argv)
-    if C.run_worker_if_asked(
-        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
-    ):
-        return {}
-    n = args.cells or (QUICK_CELLS if args.quick else CELLS)[args.variant]
-    work = C.work_dir(args.work_dir)
-    release = C.build_once(
-        work / f"geneformer-{args.variant}", lambda d: write_release(d, args.variant)
-    )
-    data = C.build_once(
-        work / f"geneformer-{args.variant}-cells{n}.h5ad", lambda p: write_data(p, args.variant, n)
-    )
-    common = ["--variant", args.variant, "--release", str(release), "--data", str(data)]
-    scfm, base, kind, cmp = C.run_sides(__file__, f"geneformer-{args.variant}", args, common)
-    spec = VARIANTS[args.variant]
-    # the default embedding reads layer n-1: the last layer is work the model need not do;
-    # V2 reads it at <cls> (V1 averages its genes), so layer n-1 runs one query per cell
-    lengths = token_lengths(data, release, args.variant)
-    cls = args.variant == "V2"
-    flops = C.bert_flops(lengths, spec["hidden"], spec["ffn"], spec["layers"] - 1, cls)
-    extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
-    return C.report(f"geneformer-{args.variant}", scfm, base, kind, flops, extra)
+    return C.embedding_main(argv, sys.modules[__name__], benchmark, add_options=add_variant)
 
 
 if __name__ == "__main__":

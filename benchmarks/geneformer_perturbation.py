@@ -49,36 +49,6 @@ VARIANT = "V1"
 REF_BATCH = 100  # InSilicoPerturber's default forward_batch_size
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (``VmRSS``), in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def write_cells(path: Path, n_cells: int, n_expressed: int, seed: int = 3) -> Path:
-    """Raw counts over 3,000 vocabulary genes with ~``n_expressed`` genes per cell."""
-    import anndata as ad
-    import numpy as np
-    import pandas as pd
-
-    if path.exists():
-        return path
-    tokens = GE._dictionaries(VARIANT)["token_dictionary"]
-    genes = [g for g in tokens if not g.startswith("<")][: GE.N_GENES]
-    x = C.synthetic_counts(n_cells, len(genes), n_expressed, seed=seed, spread=0.05)
-    obs = pd.DataFrame(
-        {"n_counts": np.asarray(x.sum(1)).ravel(), "orig_index": np.arange(n_cells)},
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame({"ensembl_id": genes}, index=genes))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(path)
-    return path
-
-
 def _save(out: str, obs: list[int], genes: list[str], cos: list[float]) -> None:
     import numpy as np
 
@@ -100,7 +70,7 @@ def worker_scfm(args) -> None:
     adata = ad.read_h5ad(args.data)
     scfm.model.Geneformer.setup_anndata(adata)
     model = scfm.model.Geneformer.from_pretrained(args.release, adata)
-    base = rss_bytes()
+    base = C.rss_bytes()
     with tempfile.TemporaryDirectory() as store, C.Timer() as t:
         table = scfm.tl.in_silico_perturbation(
             model,
@@ -167,12 +137,11 @@ def worker_reference(args) -> None:
             model_version=VARIANT,
             token_dictionary_file=token_file,
         )
-        base = rss_bytes()
+        base = C.rss_bytes()
         with C.Timer() as t:
             isp.perturb_data(str(rel), data, tmp, "bench")
         order = _processing_order(seqs)
-        with open(token_file, "rb") as fh:
-            names = {v: k for k, v in pickle.load(fh).items()}
+        names = {v: k for k, v in C.read_pickle(token_file).items()}
         obs, genes, cos = [], [], []
         for path in glob.glob(f"{tmp}/*_dict_cell_embs_*_raw.pickle"):
             h = int(re.search(r"_(\d+)batch", path).group(1))
@@ -195,10 +164,10 @@ def worker_mirror(args) -> None:
     seqs = GE._reference_tokens(ad.read_h5ad(args.data), Path(args.release), VARIANT)
     model = BertForMaskedLM.from_pretrained(args.release, output_hidden_states=True).eval()
     layer = model.config.num_hidden_layers - 1  # emb_layer=-1
-    with open(Path(args.release) / "token_dictionary_gc30M.pkl", "rb") as fh:
-        names = {v: k for k, v in pickle.load(fh).items()}
+    tokens = C.read_pickle(Path(args.release) / "token_dictionary_gc30M.pkl")
+    names = {v: k for k, v in tokens.items()}
     cos_fn = torch.nn.CosineSimilarity(dim=2)
-    base = rss_bytes()
+    base = C.rss_bytes()
     obs, genes, cos = [], [], []
     with C.Timer() as t, torch.no_grad():
         for cell in _processing_order(seqs):
@@ -247,10 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     for a in ("--release", "--data", "--out"):
         parser.add_argument(a, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        {"scfm": worker_scfm, "reference": worker_reference, "mirror": worker_mirror}[args.worker](
-            args
-        )
+    if C.run_worker_if_asked(
+        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
+    ):
         return {}
     # Released cells hold ~2,000 genes; the reference needs ~1 s per perturbation at that
     # length, so one cell of 600 (quick: 300) genes keeps a run within minutes while the
@@ -258,27 +226,22 @@ def main(argv: list[str] | None = None) -> dict:
     n_cells, n_genes = (1, 300) if args.quick else (args.cells, args.genes)
     work = C.work_dir(args.work_dir)
     release = GE.write_release(work / f"geneformer-{VARIANT}", VARIANT)
-    data = write_cells(work / f"isp-{VARIANT}-cells{n_cells}-genes{n_genes}.h5ad", n_cells, n_genes)
+    # n_genes (+-5%) expressed genes per cell, drawn as for the screens measured so far
+    data = GE.write_data(
+        work / f"isp-{VARIANT}-cells{n_cells}-genes{n_genes}.h5ad",
+        VARIANT,
+        n_cells,
+        n_genes,
+        seed=3,
+        spread=0.05,
+    )
     common = ["--release", str(release), "--data", str(data)]
-    if args.threads:
-        common += ["--threads", str(args.threads)]
     if args.gene_shifts:
         common += ["--gene-shifts"]
-    out_s = work / "isp-scfm.npz"
-    s_argv = [sys.executable, __file__, "--worker", "scfm", *common, "--out", str(out_s)]
-    if args.batch_size:
-        s_argv += ["--batch-size", str(args.batch_size)]
+    kind = C.chosen_baseline(args)
+    out_s, out_b = work / "isp-scfm.npz", work / f"isp-{kind}.npz"
+    s_argv, b_argv = C.worker_commands(__file__, args, common, out_s, out_b)
     scfm = C.run_worker(s_argv, timeout=args.timeout)
-    kind = "reference" if args.reference_dir else "mirror"
-    out_b = work / f"isp-{kind}.npz"
-    py = (
-        C.reference_python(args.reference_dir, args.reference_python)
-        if args.reference_dir
-        else sys.executable
-    )
-    b_argv = [py, __file__, "--worker", kind, *common, "--out", str(out_b)]
-    if args.reference_dir:
-        b_argv += ["--reference-dir", args.reference_dir]
     base = C.run_worker(b_argv, timeout=args.timeout)
     res: dict = {
         "model": f"geneformer-isp-{VARIANT}",

@@ -57,10 +57,14 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
+#: Calls that give a script all the shared options of ``_common.add_cli``.
+SHARED_CLI = ("C.add_cli(", "C.embedding_main(")
+
+
 def _supports(script: Path, option: str) -> bool:
     """Whether ``script`` declares ``option`` (read from its source: no import needed)."""
     text = script.read_text()
-    return f'"{option}"' in text or "C.add_cli(" in text
+    return f'"{option}"' in text or any(call in text for call in SHARED_CLI)
 
 
 def build_command(name: str, args, refs: dict[str, str], pythons: dict[str, str]) -> list[str]:

@@ -26,7 +26,6 @@ in its own process:
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import shutil
@@ -35,18 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
+import geneformer_embed as GE
 
 LAYERS, HIDDEN, HEADS, FFN, POSITIONS = 6, 256, 4, 512, 2048
-CELLS, QUICK_CELLS = 24, 12
+CELLS = (24, 12)  # cells embedded: default, --quick
 N_GENES, N_EXPRESSED = 3000, 1900
 REF_BATCH = 24
+REFERENCE = "checkout of DeepGraphLearning/scCello"
 FIXTURE = C.BENCH_DIR.parent / "tests" / "data" / "fixtures" / "sccello"
-
-
-def _resource(name: str) -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("scfm.data") / "resources" / "geneformer" / name))
+#: where a release keeps its token and median dictionaries
+VOCAB = Path("data") / "token_vocabulary"
 
 
 def write_release(directory: Path, seed: int = 0) -> Path:
@@ -58,22 +55,18 @@ def write_release(directory: Path, seed: int = 0) -> Path:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copytree(FIXTURE / "checkpoint" / "data", directory / "data", dirs_exist_ok=True)
-    with open(_resource("token_dictionary_gc30M.pkl"), "rb") as fh:
-        v1 = pickle.load(fh)
-    with open(_resource("gene_median_dictionary_gc30M.pkl"), "rb") as fh:
-        medians = pickle.load(fh)
-    with open(_resource("gene_name_id_dict_gc30M.pkl"), "rb") as fh:
-        names = pickle.load(fh)
-    genes = sorted(g for g in v1 if not g.startswith("<"))
+    # scCello's vocabulary: Geneformer V1's genes (whose name table holds only those genes)
+    v1 = GE._dictionaries("V1")
+    medians, names = v1["gene_median_dictionary"], v1["gene_name_id_dict"]
+    genes = sorted(g for g in v1["token_dictionary"] if not g.startswith("<"))
     tokens = {"<pad>": np.int16(0), "<mask>": np.int16(1)}
     tokens.update({g: np.int16(2 + i) for i, g in enumerate(genes)})
-    vocab_dir = directory / "data" / "token_vocabulary"
-    with open(vocab_dir / "token_dictionary.pkl", "wb") as fh:
+    with open(directory / VOCAB / "token_dictionary.pkl", "wb") as fh:
         pickle.dump(tokens, fh)
-    with open(vocab_dir / "gene_median_dictionary.pkl", "wb") as fh:
+    with open(directory / VOCAB / "gene_median_dictionary.pkl", "wb") as fh:
         pickle.dump({g: float(medians[g]) for g in genes}, fh)
-    id2name = {v: k for k, v in names.items() if v in tokens}
-    with open(vocab_dir / "vocab_id2name.csv", "w") as fh:
+    id2name = {v: k for k, v in names.items()}
+    with open(directory / VOCAB / "vocab_id2name.csv", "w") as fh:
         fh.write("ensembl_id,gene_name\n")
         for g in genes:
             if g in id2name:
@@ -87,27 +80,19 @@ def write_release(directory: Path, seed: int = 0) -> Path:
         tiny_cfg["vocab_size"]: vocab,
         tiny_cfg["max_position_embeddings"]: POSITIONS,
     }
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in tiny.items():
-        if ".layer." in key:
-            if ".layer.0." not in key:
-                continue
-            keys = [key.replace(".layer.0.", f".layer.{i}.") for i in range(LAYERS)]
-        else:
-            keys = [key]
-        for k in keys:
-            if not value.is_floating_point() or key in ("ctgraph_sim", "cell_type_ancestor_mask"):
-                if key.endswith("position_ids"):
-                    state[k] = torch.arange(POSITIONS)[None]
-                else:
-                    state[k] = value.clone()
-                continue
-            shape = [
-                dims.get(s, s) if key != "learned_centroid.weight" or j else s
-                for j, s in enumerate(value.shape)
-            ]
-            state[k] = C.random_tensor(shape, k, gen)
+
+    def draw(key: str, tiny_key: str, value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if not value.is_floating_point() or tiny_key in ("ctgraph_sim", "cell_type_ancestor_mask"):
+            if tiny_key.endswith("position_ids"):
+                return torch.arange(POSITIONS)[None]
+            return value.clone()
+        shape = [
+            dims.get(s, s) if tiny_key != "learned_centroid.weight" or j else s
+            for j, s in enumerate(value.shape)
+        ]
+        return C.random_tensor(shape, key, gen)
+
+    state = C.release_state(tiny, ".layer.{}.", LAYERS, draw, seed)
     for head in ("cls", "cell_cls"):  # one bias shared by dense_2 and the predictions
         state[f"{head}.predictions.dense_2.bias"] = state[f"{head}.predictions.bias"].clone()
     torch.save(state, directory / "pytorch_model.bin")
@@ -131,8 +116,8 @@ def write_data(path: Path, release: Path, n_cells: int, seed: int = 2) -> Path:
 
     if path.exists():
         return path
-    with open(release / "data" / "token_vocabulary" / "token_dictionary.pkl", "rb") as fh:
-        genes = [g for g in pickle.load(fh) if not g.startswith("<")][:N_GENES]
+    tokens = C.read_pickle(release / VOCAB / "token_dictionary.pkl")
+    genes = [g for g in tokens if not g.startswith("<")][:N_GENES]
     x = C.synthetic_counts(n_cells, len(genes), N_EXPRESSED, seed=seed)
     row = ad.read_h5ad(FIXTURE / "input.h5ad").obs.iloc[0]
     obs = pd.DataFrame(
@@ -148,25 +133,30 @@ def token_lengths(data: Path, release: Path) -> list[int]:
     import numpy as np
 
     adata = ad.read_h5ad(data)
-    with open(release / "data" / "token_vocabulary" / "gene_median_dictionary.pkl", "rb") as fh:
-        medians = pickle.load(fh)
+    medians = C.read_pickle(release / VOCAB / "gene_median_dictionary.pkl")
     keep = np.array([g in medians for g in adata.var_names])
     nnz = np.asarray((adata.X[:, keep] > 0).sum(1)).ravel()
     return [int(min(n + 1, POSITIONS)) for n in nnz]
 
 
+def workload(data: Path, release: Path, n_cells: int) -> tuple[float, dict[str, float]]:
+    """FLOPs of the scfm embedding and the mean tokens per cell."""
+    lengths = token_lengths(data, release)
+    # the embedding reads the last layer at <cls>: its other tokens are work not needed
+    flops = C.bert_flops(lengths, HIDDEN, FFN, LAYERS, cls_only_last=True)
+    return flops, {"mean_tokens": sum(lengths) / len(lengths)}
+
+
+BENCHMARK = C.EmbeddingBenchmark("sccello", "ScCello", CELLS, write_release, write_data, workload)
+
+
 # --------------------------------------------------------------------------- workers
-def worker_scfm(args) -> None:
-    C.scfm_embedding_worker(args, "ScCello")
-
-
 def worker_reference(args) -> None:
     import tempfile
     import types
 
     import anndata as ad
     import numpy as np
-    from geneformer_embed import _cpu_only_cuda
 
     C.set_threads(args.threads)
     import importlib.machinery
@@ -178,7 +168,7 @@ def worker_reference(args) -> None:
             module.__spec__ = importlib.machinery.ModuleSpec(stub, None)
             sys.modules[stub] = module
     sys.path.insert(0, str(Path(args.reference_dir).resolve()))
-    _cpu_only_cuda()
+    GE._cpu_only_cuda()
     from sccello.src.utils import data_loading
 
     data_loading.EXC_DIR = str(Path(args.release).resolve())  # the release's data/ folder
@@ -215,14 +205,9 @@ def worker_reference(args) -> None:
         with C.Timer() as t:
             pred = trainer.predict(ds)
     p = pred.predictions
-    z = np.asarray(p[1] if isinstance(p, tuple) else p)[:, -1, :].astype(np.float32)
-    np.save(args.out, z)
-    C.worker_report(
-        cells=len(z),
-        seconds=t.seconds,
-        prepare_seconds=t_tok.seconds,
-        total_seconds=t.seconds + t_tok.seconds,
-        matmul_gflops=peak,
+    z = np.asarray(p[1] if isinstance(p, tuple) else p)[:, -1, :]
+    C.report_embedding(
+        args.out, z, t.seconds, peak, prepare=t_tok.seconds, total=t.seconds + t_tok.seconds
     )
 
 
@@ -235,10 +220,8 @@ def worker_mirror(args) -> None:
     C.set_threads(args.threads)
     rel = Path(args.release)
     adata = ad.read_h5ad(args.data)
-    with open(rel / "data" / "token_vocabulary" / "token_dictionary.pkl", "rb") as fh:
-        tokens = {k: int(v) for k, v in pickle.load(fh).items()}
-    with open(rel / "data" / "token_vocabulary" / "gene_median_dictionary.pkl", "rb") as fh:
-        medians = pickle.load(fh)
+    tokens = {k: int(v) for k, v in C.read_pickle(rel / VOCAB / "token_dictionary.pkl").items()}
+    medians = C.read_pickle(rel / VOCAB / "gene_median_dictionary.pkl")
     cls_id = len(tokens)
     with C.Timer() as t_tok:
         keep = np.array([g in medians for g in adata.var_names])
@@ -284,39 +267,14 @@ def worker_mirror(args) -> None:
     with C.Timer() as t, torch.no_grad():
         for s in range(0, len(seqs), REF_BATCH):
             idx = list(range(s, min(s + REF_BATCH, len(seqs))))
-            n = max(len(seqs[i]) for i in idx)
-            ids_t = torch.zeros(len(idx), n, dtype=torch.long)
-            mask = torch.zeros(len(idx), n, dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids_t[r, : len(seqs[i])] = torch.as_tensor(seqs[i])
-                mask[r, : len(seqs[i])] = 1
+            ids_t, mask = C.pad_sequences([seqs[i] for i in idx])
             out = bert(input_ids=ids_t, attention_mask=mask, output_hidden_states=True)
             z[idx] = out.hidden_states[-1][:, 0].numpy()
-    np.save(args.out, z)
-    C.worker_report(
-        cells=len(seqs), seconds=t.seconds, prepare_seconds=t_tok.seconds, matmul_gflops=peak
-    )
+    C.report_embedding(args.out, z, t.seconds, peak, prepare=t_tok.seconds)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_cli(parser, "checkout of DeepGraphLearning/scCello")
-    args = parser.parse_args(argv)
-    if C.run_worker_if_asked(
-        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
-    ):
-        return {}
-    n = args.cells or (QUICK_CELLS if args.quick else CELLS)
-    work = C.work_dir(args.work_dir)
-    release = C.build_once(work / "sccello", write_release)
-    data = C.build_once(work / f"sccello-cells{n}.h5ad", lambda p: write_data(p, release, n))
-    common = ["--release", str(release), "--data", str(data)]
-    scfm, base, kind, cmp = C.run_sides(__file__, "sccello", args, common)
-    lengths = token_lengths(data, release)
-    # the embedding reads the last layer at <cls>: its other tokens are work not needed
-    flops = C.bert_flops(lengths, HIDDEN, FFN, LAYERS, cls_only_last=True)
-    extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
-    return C.report("sccello", scfm, base, kind, flops, extra)
+    return C.embedding_main(argv, sys.modules[__name__], BENCHMARK)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ genes per cell), then runs each side in its own process:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
-CELLS, QUICK_CELLS = 6, 3
+CELLS = (6, 3)  # cells embedded: default, --quick
 N_GENES, N_EXPRESSED = 10_000, 1900
 #: Architecture of the released models (spec section 1).
 HIDDEN, DEPTH, HEADS, DEC_HIDDEN, DEC_DEPTH, DEC_HEADS, DIM_HEAD, BINS = (
@@ -46,6 +45,7 @@ HIDDEN, DEPTH, HEADS, DEC_HIDDEN, DEC_DEPTH, DEC_HEADS, DIM_HEAD, BINS = (
 )  # fmt: skip
 SEQ_LEN = 19_266
 GENE_LIST = "OS_scRNA_gene_index.19264.tsv"
+REFERENCE = "checkout of biomap-research/scFoundation (or its model/ folder)"
 FIXTURE = C.BENCH_DIR.parent / "tests" / "data" / "fixtures" / "scfoundation"
 
 
@@ -127,11 +127,18 @@ def encoder_flops(lengths: list[int]) -> float:
     return float(((24 * HIDDEN * HIDDEN * n + 4 * n**2 * HIDDEN) * DEPTH).sum())
 
 
+def workload(data: Path, _release: Path, _n_cells: int) -> tuple[float, dict[str, float]]:
+    """FLOPs of the scfm embedding's encoder and the mean tokens per cell."""
+    lengths = token_lengths(data)
+    return encoder_flops(lengths), {"mean_tokens": sum(lengths) / len(lengths)}
+
+
+BENCHMARK = C.EmbeddingBenchmark(
+    "scfoundation", "ScFoundation", CELLS, write_release, write_data, workload
+)
+
+
 # --------------------------------------------------------------------------- workers
-def worker_scfm(args) -> None:
-    C.scfm_embedding_worker(args, "ScFoundation")
-
-
 def worker_reference(args) -> None:
     import runpy
     import tempfile
@@ -176,14 +183,8 @@ def worker_reference(args) -> None:
             os.chdir(cwd)
             sys.argv, tqdm.tqdm = argv, plain_tqdm
         (out,) = scratch.glob("*.npy")
-        z = np.load(out).reshape(-1, 4 * HIDDEN).astype(np.float32)
-    np.save(args.out, z)
-    C.worker_report(
-        cells=len(z),
-        seconds=times["loop"],
-        total_seconds=total.seconds,
-        matmul_gflops=peak,
-    )
+        z = np.load(out).reshape(-1, 4 * HIDDEN)
+    C.report_embedding(args.out, z, times["loop"], peak, total=total.seconds)
 
 
 def worker_mirror(args) -> None:
@@ -233,28 +234,11 @@ def worker_mirror(args) -> None:
                 h = layer(h, src_key_padding_mask=padding)
             h = encoder["norm"](h)
             out.append(torch.cat([h[:, -1], h[:, -2], h[:, :-2].amax(1), h[:, :-2].mean(1)], dim=1))
-    z = torch.cat(out).numpy()
-    np.save(args.out, z)
-    C.worker_report(cells=len(z), seconds=t.seconds, matmul_gflops=peak)
+    C.report_embedding(args.out, torch.cat(out).numpy(), t.seconds, peak)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_cli(parser, "checkout of biomap-research/scFoundation (or its model/ folder)")
-    args = parser.parse_args(argv)
-    if C.run_worker_if_asked(
-        args, scfm=worker_scfm, reference=worker_reference, mirror=worker_mirror
-    ):
-        return {}
-    n = args.cells or (QUICK_CELLS if args.quick else CELLS)
-    work = C.work_dir(args.work_dir)
-    release = C.build_once(work / "scfoundation", write_release)
-    data = C.build_once(work / f"scfoundation-cells{n}.h5ad", lambda p: write_data(p, release, n))
-    common = ["--release", str(release), "--data", str(data)]
-    scfm, base, kind, cmp = C.run_sides(__file__, "scfoundation", args, common)
-    lengths = token_lengths(data)
-    extra = {"cells": n, "mean_tokens": sum(lengths) / len(lengths), **cmp}
-    return C.report("scfoundation", scfm, base, kind, encoder_flops(lengths), extra)
+    return C.embedding_main(argv, sys.modules[__name__], BENCHMARK)
 
 
 if __name__ == "__main__":
