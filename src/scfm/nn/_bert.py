@@ -317,19 +317,20 @@ class BertSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 
     def forward_packed(
-        self, x: torch.Tensor, lengths: Sequence[int], first_token_only: bool = False
+        self, x: torch.Tensor, lengths: Sequence[int], firsts: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attention over packed cells: ``x`` ``[T, H]`` holds the cells' tokens one after another.
 
         Each run of equally long cells is one SDPA call on strided views of the Q/K/V product
         (no mask, no padding); SDPA's CPU output is laid out ``[B, L, heads, d]``, so merging
         the heads is a view and the only copy is the write into the packed output.
-        ``first_token_only``: only each cell's first token queries (keys and values still come from
-        every token); returns ``[cells, H]``.
+        ``firsts``: the row of each cell's first token (:func:`~scfm.nn._packing.first_rows`);
+        given, only those tokens query (keys and values still come from every token) and the
+        result is ``[cells, H]``.
         """
         t, heads, d = x.shape[0], self.num_heads, self.head_dim
+        first_token_only = firsts is not None
         if first_token_only:
-            firsts = first_rows(lengths, x.device)
             q = _fused(x[firsts], self.query).view(-1, heads, 1, d)
             kv = _fused(x, self.key, self.value).view(t, 2, heads, d)
             out = x.new_empty(len(lengths), heads * d)
@@ -416,9 +417,10 @@ class BertAttention(nn.Module):
         self, x: torch.Tensor, lengths: Sequence[int], first_token_only: bool = False
     ) -> torch.Tensor:
         """As :meth:`forward`, on packed cells ``[T, H]`` (see :meth:`BertLayer.forward_packed`)."""
+        firsts = first_rows(lengths, x.device) if first_token_only else None
         h = x if self.LayerNorm is None else self.LayerNorm(x)
-        residual = x[first_rows(lengths, x.device)] if first_token_only else x
-        return self.output(self.self.forward_packed(h, lengths, first_token_only), residual)
+        residual = x if firsts is None else x[firsts]
+        return self.output(self.self.forward_packed(h, lengths, firsts), residual)
 
 
 class BertIntermediate(nn.Module):

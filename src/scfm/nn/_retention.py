@@ -130,7 +130,7 @@ class MultiHeadRetention(nn.Module):
         key_mask: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         lengths: Sequence[int] | None = None,
-        first_token_only: bool = False,
+        firsts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Retention of queries ``x`` onto keys / values ``y`` (default ``x``).
 
@@ -147,17 +147,18 @@ class MultiHeadRetention(nn.Module):
         lengths
             Lengths of the packed sequences of ``x`` (they sum to ``T``); each sequence
             retains only onto itself, and no padded token is computed.
-        first_token_only
-            With ``lengths``: only each sequence's first token queries (every token is still
-            a key and value); returns ``[sequences, d]``.
+        firsts
+            With ``lengths``: the row of each sequence's first token
+            (:func:`~scfm.nn._packing.first_rows`); given, only those tokens query (every
+            token is still a key and value) and the result is ``[sequences, d]``.
         """
         if lengths is not None and y is not None:
             raise ValueError("packed sequences (lengths) support self-retention only")
-        if first_token_only and lengths is None:
-            raise ValueError("first_token_only needs packed sequences (lengths)")
+        if firsts is not None and lengths is None:
+            raise ValueError("firsts needs packed sequences (lengths)")
         y = x if y is None else y
         rows = None if lengths is None else [int(n) for n in lengths]
-        queries = x[first_rows(rows, x.device)] if first_token_only else x
+        queries = x if firsts is None else x[firsts]
         # Without autograd the element-wise steps run in place on the projections: fewer
         # passes over the activations and no fresh [tokens x d] buffers.
         inplace = not torch.is_grad_enabled()
@@ -173,7 +174,7 @@ class MultiHeadRetention(nn.Module):
             pairs = [(q[i], k[i], v[i], u[i]) for i in range(x.shape[0])]
         else:
             one = [1] * len(rows)
-            q_rows = one if first_token_only else rows
+            q_rows = rows if firsts is None else one
             pairs = zip(q.split(q_rows), k.split(rows), v.split(rows), u.split(q_rows), strict=True)
         out = [_retain(*pair, self.num_heads, inplace) for pair in pairs]
         if inplace:
@@ -300,13 +301,17 @@ class RetentionLayer(nn.Module):
     ) -> torch.Tensor:
         """Tokens ``x`` ``[B, L, d]``, or packed ``[T, d]`` with ``lengths``.
 
-        See :meth:`MultiHeadRetention.forward` for ``key_mask``, ``lengths`` and
-        ``first_token_only`` (the layer's output at each sequence's first token only,
-        ``[sequences, d]``: what a ``<cls>`` read needs).
+        See :meth:`MultiHeadRetention.forward` for ``key_mask`` and ``lengths``.
+        ``first_token_only`` (with ``lengths``): the layer's output at each sequence's first
+        token only, ``[sequences, d]`` (what a ``<cls>`` read needs); only those tokens query,
+        every token is still a key and value.
         """
-        out = self.attn(x, key_mask=key_mask, lengths=lengths, first_token_only=first_token_only)
-        if first_token_only:
-            x = x[first_rows(lengths, x.device)]
+        if first_token_only and lengths is None:
+            raise ValueError("first_token_only needs packed sequences (lengths)")
+        firsts = first_rows(lengths, x.device) if first_token_only else None
+        out = self.attn(x, key_mask=key_mask, lengths=lengths, firsts=firsts)
+        if firsts is not None:
+            x = x[firsts]
         x = self.post_norm1(_residual(self.dropout(out), x, self.alpha))
         out = self.dropout(self.ffn(x))
         return self.post_norm2(_residual(out, x, self.alpha))
