@@ -94,6 +94,33 @@ def test_intermediates(models, expected, prefix):
         _z(m[prefix], layer=-1)  # ``layer`` is the AnnData layer of setup_anndata only
 
 
+def test_module_checks_call_options_against_the_architecture():
+    """The options of a call are checked (and defaulted) by the module, before any work."""
+    config = scfm.module.CellPLMConfig(
+        enc_hid=8, enc_layers=2, enc_head=2, latent_mod="vae", post_latent_dim=4, dec_hid=8,
+        out_dim=5,
+    )  # fmt: skip
+    with torch.device("meta"):  # checking options needs no weights
+        module = scfm.module.CellPLMModule(config)
+    sentence = {"sentence": "batch", "chunk_size": None, "tile_size": None}
+    assert module.check_options("genes") == sentence
+    assert module.check_options("latent", hidden_layer=-3, seed=np.int64(1)) == {
+        **sentence, "hidden_layer": -3, "output": "embedding", "seed": 1
+    }  # fmt: skip
+    for task, options, match in [
+        ("genes", {"seed": 1}, "no option 'seed' here"),
+        ("latent", {"hidden_layer": 3}, "hidden_layer=3: use an int <= 2"),
+        ("latent", {"hidden_layer": True}, "hidden_layer=True"),
+        ("latent", {"output": "cluster"}, "needs a GMVAE latent"),
+        ("latent", {"hidden_layer": 1, "output": "pre_latent"}, "not both"),
+        ("expression", {"chunk_size": 0}, "chunk_size=0: use None or an int >= 1"),
+        ("train", {"mask_node_rate": 1.5}, r"use None or in \[0, 1\]"),
+        ("train", {"sentence": "tiles"}, "'batch' or 'spatial'"),
+    ]:
+        with pytest.raises(InvalidInputError, match=match):
+            module.check_options(task, **options)
+
+
 def test_vae_embeddings(models, expected, settings):
     adata, m = models
     model = m[VAE]

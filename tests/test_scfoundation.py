@@ -426,6 +426,28 @@ def test_release_without_the_redraw_counter_loads(fx, expected, tmp_path):
     )
 
 
+def test_missing_buffers_start_at_zero_and_missing_weights_are_refused():
+    """After loading onto a module built on the meta device, a buffer the release lacks
+    gets its initial zeros; a weight it lacks (an untrained head) is refused."""
+    config = ScFoundationConfig(seq_len=12, encoder_hidden_dim=8, encoder_depth=1,
+                                encoder_heads=2, decoder_hidden_dim=8, decoder_depth=1,
+                                decoder_heads=2, decoder_dim_head=4, bin_num=4)  # fmt: skip
+    state = sf_module.ScFoundationModule(config).state_dict()
+    counter = "decoder.performer.calls_since_last_redraw"
+    without = {k: v for k, v in state.items() if k != counter}
+    with torch.device("meta"):
+        module = sf_module.ScFoundationModule(config)
+    module.load_state_dict(without, strict=False, assign=True)
+    module.materialize_missing_buffers()
+    assert not any(t.is_meta for t in module.state_dict().values())
+    assert int(module.get_buffer(counter)) == 0
+    with torch.device("meta"):
+        module = sf_module.ScFoundationModule(config, n_labels=3)
+    module.load_state_dict(without, strict=False, assign=True)
+    with pytest.raises(CheckpointFormatError, match=r"did not provide 'classifier\.0\.weight'"):
+        module.materialize_missing_buffers()
+
+
 def test_legacy_format_release_is_read_whole(fx, expected, tmp_path):
     """A models.ckpt in torch's legacy (non-zip) format cannot be memory-mapped: it is read."""
     ckpt = torch.load(fx / "checkpoint/models/models.ckpt", weights_only=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,16 +43,6 @@ __all__ = ["CellPLM"]
 
 #: Gradient-norm clip of the reference training pipelines.
 GRAD_CLIP = 2.0
-#: Options of each task (see :meth:`CellPLM._options`); every task takes the sentence options.
-_SENTENCE = {"sentence": "batch", "chunk_size": None, "tile_size": None}
-_TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "latent": {"hidden_layer": None, "output": "embedding", "seed": None},
-    "genes": {},
-    "predict": {},
-    "expression": {"rescale": True, "seed": None, "measured_genes": None},
-    "train": {"measured_genes": None, "mask_node_rate": None},
-}
-_OUTPUTS = ("embedding", "pre_latent", "cluster_logits", "cluster")
 
 
 class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -266,35 +256,8 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return pd.DataFrame(emb, index=self._vocabulary).sort_index()
 
     # ------------------------------------------------------------------ per-call plans
-    def _options(self, task: str, options: dict[str, Any]) -> dict[str, Any]:
-        """The call's options with defaults, checked before any forward pass."""
-        allowed = {**_SENTENCE, **_TASK_OPTIONS.get(task, {})}
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise InvalidInputError(
-                f"CellPLM has no option {', '.join(map(repr, unknown))} here; the options are "
-                f"{', '.join(sorted(allowed))}."
-            )
-        o = {**allowed, **options}
-        n = self.config.enc_layers
-        rules = {
-            **_RULES,
-            "hidden_layer": (
-                lambda v: v is None or (_int(v) and -n - 1 <= v <= n),
-                f"an int <= {n}",
-            ),
-        }
-        for name, value in o.items():
-            if name in rules and not rules[name][0](value):
-                raise InvalidInputError(f"CellPLM option {name}={value!r}: use {rules[name][1]}.")
-        if o.get("output", "").startswith("cluster") and self.config.latent_mod != "gmvae":
-            raise InvalidInputError(f"output={o['output']!r} needs a GMVAE latent (20230926_85M).")
-        if o.get("hidden_layer") is not None and o["output"] != "embedding":
-            raise InvalidInputError("Pass either hidden_layer or output, not both.")
-        return o
-
     def _inference_kwargs(self, task: str, **options: Any) -> dict[str, Any]:
-        o = self._options(task, options)
+        o = self.module.check_options(task, **options)
         if task == "latent":
             return {"hidden_layer": o["hidden_layer"], "output": o["output"]}
         if task == "expression":
@@ -305,7 +268,7 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self, adata: ad.AnnData, cells: np.ndarray, task: str, **options: Any
     ) -> dict[str, Any]:
         """Sentence ids, gene ranks, and (when used) coordinates, noise and mask rates."""
-        o = self._options(task, options)
+        o = self.module.check_options(task, **options)
         alignment, _ = self._gene_space(adata)
         args = self._setup_args_of(adata)
         labels = batch_labels(adata, args.get("batch_key"))
@@ -405,24 +368,3 @@ class CellPLM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
         splitter = {**(kwargs.pop("datasplitter_kwargs", None) or {}), "cell_arrays": arrays}
         kwargs.setdefault("gradient_clip_val", GRAD_CLIP)
         super().train(max_epochs, datasplitter_kwargs=splitter, **kwargs)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _num(value: Any) -> bool:
-    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
-
-
-#: Checks of the call options: (accepts the value, what to pass instead).
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "sentence": (lambda v: v in ("batch", "spatial"), "'batch' or 'spatial'"),
-    "chunk_size": (lambda v: v is None or (_int(v) and v >= 1), "None or an int >= 1"),
-    "tile_size": (lambda v: v is None or (_num(v) and v > 0), "None or a positive number"),
-    "seed": (lambda v: v is None or (_int(v) and v >= 0), "None or an int >= 0"),
-    "output": (lambda v: v in _OUTPUTS, f"one of {_OUTPUTS}"),
-    "rescale": (lambda v: isinstance(v, bool), "True or False"),
-    "mask_node_rate": (lambda v: v is None or (_num(v) and 0 <= v <= 1), "None or in [0, 1]"),
-    "measured_genes": (lambda v: v is None or isinstance(v, Mapping), "a dict {label: genes}"),
-}

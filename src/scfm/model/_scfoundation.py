@@ -15,7 +15,7 @@ from scvi.data.fields import NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from scfm.data._genes import GeneAlignment, align_genes
-from scfm.data._scfoundation_tokenizer import INPUT_KINDS, PreNormalized, parse_tgthighres
+from scfm.data._scfoundation_tokenizer import INPUT_KINDS, PreNormalized
 from scfm.errors import AnnDataKeyError, CheckpointFormatError, InvalidInputError
 from scfm.io._common import load_state_dict_strict
 from scfm.io._scfoundation import (
@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ScFoundation"]
 
 Weights = Literal["cell", "rde", "gene"]
-#: Options each task accepts (checked before any forward pass).
+#: Options each task accepts (checked before any forward pass; their values by
+#: :meth:`~scfm.module.ScFoundationModule.check_options`).
 _TASK_OPTIONS = {
     "latent": {"tgthighres", "pooling", "weights"},
     "genes": {"tgthighres", "key_max", "weights"},
@@ -46,24 +47,6 @@ _TASK_OPTIONS = {
 }
 #: Per-cell gene embeddings larger than this (float32 values) need an explicit gene subset.
 _MAX_CELL_GENE_FLOATS = 2**28
-
-
-def _materialize_missing_buffers(module: torch.nn.Module) -> None:
-    """Give the buffers a release may lack (left on the meta device) their initial zeros.
-
-    Only the Performer's redraw counter may be absent (``_keys_to_ignore_on_load_missing``);
-    it counts calls and starts at zero. ``load_state_dict_strict(assign=True)`` has already
-    refused every required tensor left without a value; an optional weight (a classifier
-    head) left so is refused here.
-    """
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if not tensor.is_meta:
-            continue
-        if isinstance(tensor, torch.nn.Parameter):
-            raise CheckpointFormatError(f"The release did not provide {name!r}.")
-        owner, _, leaf = name.rpartition(".")
-        zeros = torch.zeros(tensor.shape, dtype=tensor.dtype)
-        module.get_submodule(owner).register_buffer(leaf, zeros)
 
 
 class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -253,7 +236,7 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
         load_state_dict_strict(
             model.module, release.state_dict, what=what, assign=True, check_finite=False
         )
-        _materialize_missing_buffers(model.module)
+        model.module.materialize_missing_buffers()
         return model
 
     # ------------------------------------------------------------------ hooks
@@ -292,28 +275,11 @@ class ScFoundation(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelCla
                 "released models are chosen when loading: ScFoundation.from_pretrained(path, "
                 f"adata, weights={weights!r})."
             )
-        if task == "train":
-            return {"pooling": None}  # the loss reads the decoded expression only
         usual = ("gene",) if task in ("genes", "expression") else ("cell", "rde")
-        if self.weights not in (None, *usual):
+        if task != "train" and self.weights not in (None, *usual):
             logger.warning("scFoundation %s with the %r weights; the reference uses %s.",
                            task, self.weights, " / ".join(map(repr, usual)))  # fmt: skip
-        kwargs: dict[str, Any] = {"tgthighres": options.get("tgthighres", "t4")}
-        parse_tgthighres(kwargs["tgthighres"])
-        pooling = options.get("pooling", "all") if task == "latent" else None
-        if pooling not in ("all", "max", None):
-            raise InvalidInputError(f"pooling={pooling!r} is not supported; use 'all' or 'max'.")
-        kwargs["pooling"] = pooling
-        if task == "genes":
-            key_max = options.get("key_max", "sample")
-            if key_max not in ("sample", "batch"):
-                raise InvalidInputError(
-                    f"key_max={key_max!r} is not supported; use 'sample' or 'batch'."
-                )
-            kwargs.update(decode="states", key_max=key_max)
-        elif task == "expression":
-            kwargs["decode"] = "expression"
-        return kwargs
+        return self.module.check_options(task, **options)
 
     def _cell_plan(
         self, adata: ad.AnnData, cells: np.ndarray, task: str, **options: Any

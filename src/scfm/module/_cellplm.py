@@ -12,9 +12,11 @@ release config); attribute names mirror the keys of the released ``<prefix>.best
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
@@ -23,7 +25,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from scfm.data._loader import GENE_COLUMNS_KEY, TABLE_ROW_SUFFIX
-from scfm.errors import CheckpointFormatError
+from scfm.errors import CheckpointFormatError, InvalidInputError
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._flowformer import FlowformerEncoder
 from scfm.nn._gmvae import GMVAELatent, VAELatent
@@ -490,6 +492,41 @@ def pack_sentences(
     return packed.view(n_sent, longest, -1), mask.view(n_sent, longest), flat
 
 
+#: Options of each task of the model's calls over cells, with their defaults (see
+#: :meth:`CellPLMModule.check_options`); every task takes the sentence options.
+_SENTENCE = {"sentence": "batch", "chunk_size": None, "tile_size": None}
+_TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "latent": {"hidden_layer": None, "output": "embedding", "seed": None},
+    "genes": {},
+    "predict": {},
+    "expression": {"rescale": True, "seed": None, "measured_genes": None},
+    "train": {"measured_genes": None, "mask_node_rate": None},
+}
+_OUTPUTS = ("embedding", "pre_latent", "cluster_logits", "cluster")
+
+
+def _int(value: Any) -> bool:
+    # bool is an int subclass, but an option set to True is a mistake, not 1
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
+#: Checks of the call options: (accepts the value, what to pass instead).
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "sentence": (lambda v: v in ("batch", "spatial"), "'batch' or 'spatial'"),
+    "chunk_size": (lambda v: v is None or (_int(v) and v >= 1), "None or an int >= 1"),
+    "tile_size": (lambda v: v is None or (_num(v) and v > 0), "None or a positive number"),
+    "seed": (lambda v: v is None or (_int(v) and v >= 0), "None or an int >= 0"),
+    "output": (lambda v: v in _OUTPUTS, f"one of {_OUTPUTS}"),
+    "rescale": (lambda v: isinstance(v, bool), "True or False"),
+    "mask_node_rate": (lambda v: v is None or (_num(v) and 0 <= v <= 1), "None or in [0, 1]"),
+    "measured_genes": (lambda v: v is None or isinstance(v, Mapping), "a dict {label: genes}"),
+}
+
+
 class CellPLMModule(BaseModuleClass):
     """CellPLM network with scvi-tools' ``inference`` / ``generative`` / ``loss`` split.
 
@@ -552,6 +589,48 @@ class CellPLMModule(BaseModuleClass):
             nn.Dropout(c.model_dropout),
             nn.Linear(c.post_latent_dim, n_labels),
         ).to(self.embedder.feat_enc.emb.device)
+
+    def check_options(self, task: str, **options: Any) -> dict[str, Any]:
+        """Validate the options of a model call before any forward pass; return them.
+
+        ``task`` is the model's (``"latent"``, ``"genes"``, ``"predict"``, ``"expression"``,
+        ``"train"``); each takes the sentence options (``sentence``, ``chunk_size``,
+        ``tile_size``) and its own (see :class:`~scfm.model.CellPLM`). ``hidden_layer`` and
+        the cluster outputs are checked against this architecture.
+
+        Returns
+        -------
+        Every option of the task, the defaults filled in.
+
+        Raises
+        ------
+        InvalidInputError
+            For an option the task does not take, or a value it does not accept.
+        """
+        allowed = {**_SENTENCE, **_TASK_OPTIONS.get(task, {})}
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise InvalidInputError(
+                f"CellPLM has no option {', '.join(map(repr, unknown))} here; the options are "
+                f"{', '.join(sorted(allowed))}."
+            )
+        o = {**allowed, **options}
+        n = self.config.enc_layers
+        rules = {
+            **_RULES,
+            "hidden_layer": (
+                lambda v: v is None or (_int(v) and -n - 1 <= v <= n),
+                f"an int <= {n}",
+            ),
+        }
+        for name, value in o.items():
+            if name in rules and not rules[name][0](value):
+                raise InvalidInputError(f"CellPLM option {name}={value!r}: use {rules[name][1]}.")
+        if o.get("output", "").startswith("cluster") and self.config.latent_mod != "gmvae":
+            raise InvalidInputError(f"output={o['output']!r} needs a GMVAE latent (20230926_85M).")
+        if o.get("hidden_layer") is not None and o["output"] != "embedding":
+            raise InvalidInputError("Pass either hidden_layer or output, not both.")
+        return o
 
     # ------------------------------------------------------------------ scvi-tools API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

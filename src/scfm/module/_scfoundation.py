@@ -23,6 +23,7 @@ from torch import nn
 
 from scfm.data._scfoundation_tokenizer import (
     INPUT_KINDS,
+    parse_tgthighres,
     scfoundation_gather,
     scfoundation_preprocess,
 )
@@ -434,8 +435,8 @@ class ScFoundationModule(BaseModuleClass):
         Number of cell labels of a classification head (0: none; see :meth:`add_classifier`).
     """
 
-    #: The release may lack the Performer's redraw counter (meaningless at inference) and
-    #: never holds a classification head.
+    #: The release may lack the Performer's redraw counter (meaningless at inference; see
+    #: :meth:`materialize_missing_buffers`) and never holds a classification head.
     _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [
         r"^decoder\.performer\.calls_since_last_redraw$",
         r"^classifier(_norm)?\.",
@@ -476,6 +477,29 @@ class ScFoundationModule(BaseModuleClass):
         # pretraining: downsampling of the input counts (read-depth-aware objective)
         self.downsample_prob = 0.5
         self.min_downsample_fraction = 0.1
+
+    # ------------------------------------------------------------------ loading
+    def materialize_missing_buffers(self) -> None:
+        """Give the buffers a release may lack (left on the meta device) their initial zeros.
+
+        Only the Performer's redraw counter may be absent (``_keys_to_ignore_on_load_missing``);
+        it counts calls and starts at zero. ``load_state_dict_strict(assign=True)`` has already
+        refused every required tensor left without a value; an optional weight (a classifier
+        head) left so is refused here.
+
+        Raises
+        ------
+        CheckpointFormatError
+            If a parameter is still on the meta device.
+        """
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if not tensor.is_meta:
+                continue
+            if isinstance(tensor, nn.Parameter):
+                raise CheckpointFormatError(f"The release did not provide {name!r}.")
+            owner, _, leaf = name.rpartition(".")
+            zeros = torch.zeros(tensor.shape, dtype=tensor.dtype)
+            self.get_submodule(owner).register_buffer(leaf, zeros)
 
     # ------------------------------------------------------------------ head
     def add_classifier(self, n_labels: int) -> None:
@@ -696,6 +720,38 @@ class ScFoundationModule(BaseModuleClass):
         return values, keep, decoder_values, masked, target_values[:, :g]
 
     # ------------------------------------------------------------------ scvi-tools interface
+    def check_options(self, task: str, **options: Any) -> dict[str, Any]:
+        """The :meth:`inference` arguments of a model task, its options' values checked.
+
+        ``task`` is the model's: ``"latent"`` reads ``tgthighres`` and ``pooling``,
+        ``"genes"`` ``tgthighres`` and ``key_max``, ``"expression"`` and ``"predict"``
+        ``tgthighres``; ``"train"`` takes none. Which options a task accepts is the model's
+        check; any other key is ignored here.
+
+        Raises
+        ------
+        InvalidInputError
+            For a ``tgthighres``, ``pooling`` or ``key_max`` value that is not supported.
+        """
+        if task == "train":
+            return {"pooling": None}  # the loss reads the decoded expression only
+        kwargs: dict[str, Any] = {"tgthighres": options.get("tgthighres", "t4")}
+        parse_tgthighres(kwargs["tgthighres"])
+        pooling = options.get("pooling", "all") if task == "latent" else None
+        if pooling not in ("all", "max", None):
+            raise InvalidInputError(f"pooling={pooling!r} is not supported; use 'all' or 'max'.")
+        kwargs["pooling"] = pooling
+        if task == "genes":
+            key_max = options.get("key_max", "sample")
+            if key_max not in ("sample", "batch"):
+                raise InvalidInputError(
+                    f"key_max={key_max!r} is not supported; use 'sample' or 'batch'."
+                )
+            kwargs.update(decode="states", key_max=key_max)
+        elif task == "expression":
+            kwargs["decode"] = "expression"
+        return kwargs
+
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {
             "x": tensors[REGISTRY_KEYS.X_KEY],
