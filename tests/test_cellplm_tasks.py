@@ -348,21 +348,43 @@ def test_squidpy_chain():
     assert embedded["I"].mean() > shuffled["I"].mean()
 
 
-def test_padded_sentences_match_separate_forwards():
+@pytest.mark.parametrize("grad", [False, True])
+def test_packed_sentences_match_separate_forwards(grad):
+    """Sentences run packed (no padding, equally long ones together) as each one alone."""
     encoder = scfm.nn.FlowformerEncoder(16, 2, 4).eval()
     config = scfm.module.CellPLMConfig.from_dict({**SMALL, "out_dim": 10})
     module = scfm.module.CellPLMModule(config).eval()
     module.encoder = encoder
-    h = torch.randn(15, 16, generator=torch.Generator().manual_seed(0))
-    sentence = torch.tensor([2, 0, 1, 2, 2, 0, 1, 2, 1, 2, 0, 2, 1, 2, 2])
-    with torch.no_grad():
+    h = torch.randn(17, 16, generator=torch.Generator().manual_seed(0))
+    # sentences of 2, 4, 8, 1 and 2 cells, interleaved: two of length 2 form one run
+    sentence = torch.tensor([2, 0, 1, 2, 2, 0, 1, 2, 1, 2, 4, 2, 1, 2, 3, 2, 4])
+    order, lengths = scfm.module._cellplm.sentence_runs(sentence)
+    assert lengths == [1, 2, 2, 4, 8]
+    assert torch.equal(sentence[order], torch.tensor([3, 0, 0, 4, 4] + [1] * 4 + [2] * 8))
+    with torch.set_grad_enabled(grad):
         packed = module.encode(h, sentence)
-        for s in range(3):
+        for s in range(5):
             sel = sentence == s
             alone = encoder(h[sel][None])[0]
             torch.testing.assert_close(packed[sel], alone, atol=1e-5, rtol=0)
         # a different sentence split changes the result (cells attend across the sentence)
-        assert not torch.allclose(module.encode(h, torch.zeros(15, dtype=torch.long)), packed)
+        assert not torch.allclose(module.encode(h, torch.zeros(17, dtype=torch.long)), packed)
+        # the padded, masked form of the same sentences gives the same cells
+        longest = 8
+        padded = h.new_zeros(5, longest, 16)
+        mask = torch.zeros(5, longest, dtype=torch.bool)
+        for s in range(5):
+            rows = h[sentence == s]
+            padded[s, : len(rows)], mask[s, : len(rows)] = rows, True
+        masked = encoder(padded, mask)
+        for s in range(5):
+            n = int((sentence == s).sum())
+            torch.testing.assert_close(packed[sentence == s], masked[s, :n], atol=1e-5, rtol=0)
+    if grad:  # training runs the packed path too
+        packed.sum().backward()
+        assert encoder.layers[0].self_attn.query_projection.weight.grad is not None
+    # one sentence in order: no reordering
+    assert scfm.module._cellplm.sentence_runs(torch.zeros(4, dtype=torch.long)) == (None, [4])
 
 
 def test_finetune_with_lora_trains_adapters_and_head_only():

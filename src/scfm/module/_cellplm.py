@@ -463,33 +463,25 @@ class CellPLMDecoder(nn.Module):
         return self.out_layer(h)
 
 
-def pack_sentences(
-    h: torch.Tensor, sentence: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Pad the cells of each sentence into ``[S, L, d]`` (cells keep their relative order).
+def sentence_runs(sentence: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+    """The cells packed sentence by sentence, sentences ordered by length.
 
     Returns
     -------
-    packed, mask (``None`` when no sentence needs padding), and the flat index of
-    every cell in ``packed.view(S * L, d)``.
+    The order of the cells (``None`` when they already come in it, e.g. one sentence; cells
+    keep their relative order within a sentence) and the length of each sentence in that
+    order. Equally long sentences are adjacent, so the encoder takes each run of them in one
+    call and computes no padding (:func:`~scfm.nn._packing.equal_runs`).
     """
     _, inverse, counts = torch.unique(sentence, return_inverse=True, return_counts=True)
-    n_sent, longest = len(counts), int(counts.max())
-    order = torch.argsort(inverse, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.empty_like(inverse)
-    pos[order] = torch.arange(len(inverse), device=h.device) - starts[inverse[order]]
-    flat = inverse * longest + pos
-    if bool((counts == longest).all()):
-        # equal-length sentences need no padding: a plain reshape (and no mask) suffices,
-        # without even a copy when the cells already come sentence by sentence
-        in_order = bool((order == torch.arange(len(order), device=h.device)).all())
-        return (h if in_order else h[order]).view(n_sent, longest, -1), None, flat
-    packed = h.new_zeros(n_sent * longest, h.shape[1])
-    packed[flat] = h
-    mask = torch.zeros(n_sent * longest, dtype=torch.bool, device=h.device)
-    mask[flat] = True
-    return packed.view(n_sent, longest, -1), mask.view(n_sent, longest), flat
+    by_length = torch.argsort(counts, stable=True)
+    rank = torch.empty_like(by_length)
+    rank[by_length] = torch.arange(len(counts), device=sentence.device)
+    order = torch.argsort(rank[inverse], stable=True)
+    lengths = counts[by_length].tolist()
+    if bool((order == torch.arange(len(order), device=order.device)).all()):
+        return None, lengths
+    return order, lengths
 
 
 #: Options of each task of the model's calls over cells, with their defaults (see
@@ -751,14 +743,17 @@ class CellPLMModule(BaseModuleClass):
     def encode(
         self, h: torch.Tensor, sentence: torch.Tensor, n_layers: int | None = None
     ) -> torch.Tensor:
-        """Flowformer over the cells of each sentence; cells of different sentences never mix."""
-        packed, mask, flat = pack_sentences(h, sentence)
-        out = self.encoder(packed, mask, n_layers).reshape(-1, packed.shape[-1])
-        if len(flat) == len(out) and bool(
-            (flat == torch.arange(len(flat), device=flat.device)).all()
-        ):
-            return out  # cells already in place (e.g. one sentence): no gather copy
-        return out[flat]
+        """Flowformer over the cells of each sentence; cells of different sentences never mix.
+
+        The cells run packed (:func:`sentence_runs`): projections, feed-forward blocks and
+        norms see the real cells only, however unequal the sentences (padding them to the
+        longest multiplied the work with many short sentences).
+        """
+        order, lengths = sentence_runs(sentence)
+        if order is None:  # cells already in place (e.g. one sentence): no copies
+            return self.encoder(h, n_layers=n_layers, lengths=lengths)
+        out = self.encoder(h[order], n_layers=n_layers, lengths=lengths)
+        return out[torch.argsort(order)]
 
     def _drop_cells(self, sentence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's node dropping, keeping one output row per cell.

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scfm.errors import InvalidInputError
-from scfm.nn._packing import first_rows
+from scfm.nn._packing import equal_runs, first_rows
 
 __all__ = [
     "BertConfig",
@@ -338,7 +338,7 @@ class BertSelfAttention(nn.Module):
             qkv = _fused(x, self.query, self.key, self.value).view(t, 3, heads, d)
             out = x.new_empty(t, heads * d)
         start = cell = 0
-        for n, cells in _runs(lengths):
+        for n, cells in equal_runs(lengths):
             stop = start + n * cells
             if n and first_token_only:
                 k, v = kv[start:stop].view(cells, n, 2, heads, d).permute(2, 0, 3, 1, 4)
@@ -365,17 +365,6 @@ def _fused(x: torch.Tensor, *parts: nn.Module) -> torch.Tensor:
         bias = torch.cat([m.bias for m in parts])
         return F.linear(x, weight, bias)
     return torch.cat([m(x) for m in parts], dim=-1)
-
-
-def _runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
-    """``(length, count)`` of each run of consecutive equal lengths."""
-    runs: list[tuple[int, int]] = []
-    for n in lengths:
-        if runs and runs[-1][0] == n:
-            runs[-1] = (n, runs[-1][1] + 1)
-        else:
-            runs.append((n, 1))
-    return runs
 
 
 class _ResidualProjection(nn.Module):

@@ -12,8 +12,12 @@ Attribute names mirror the CellPLM checkpoint keys
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from scfm.nn._packing import equal_runs
 
 __all__ = ["FlowAttention", "FlowformerEncoder", "FlowformerLayer"]
 
@@ -60,25 +64,58 @@ class FlowAttention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        lengths: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Attend within each sequence.
 
         Parameters
         ----------
         x
-            ``[B, L, d_model]`` (B sentences of at most L cells).
+            ``[B, L, d_model]`` (B sentences of at most L cells), or with ``lengths`` the
+            cells of several sentences one after another ``[N, d_model]``.
         mask
             ``[B, L]`` bool, ``True`` for real positions; ``None`` when nothing is padded.
+        lengths
+            Lengths of the packed sentences of ``x`` (they sum to ``N``). The projections run
+            on the ``N`` real cells only and the flow on each run of equally long sentences
+            at once, so no padded cell is computed.
 
         Returns
         -------
-        ``[B, L, d_model]``; padded positions hold arbitrary finite values.
+        ``[B, L, d_model]`` (padded positions hold arbitrary finite values), or ``[N, d_model]``
+        with ``lengths``.
         """
-        b, n, d = x.shape
+        if lengths is not None and mask is not None:
+            raise ValueError("packed sentences (lengths) have no padding to mask")
         # in place: the projections' outputs are not needed otherwise (nor by autograd)
-        q = self._heads(self.query_projection(x).sigmoid_())  # [B, H, L, Dh]
-        k = self._heads(self.key_projection(x).sigmoid_())
-        v = self._heads(self.value_projection(x))
+        q = self.query_projection(x).sigmoid_()
+        k = self.key_projection(x).sigmoid_()
+        v = self.value_projection(x)
+        if lengths is None:
+            b, n, d = x.shape
+            out = self._flow(self._heads(q), self._heads(k), self._heads(v), mask)
+            out = out.transpose(1, 2).reshape(b, n, d)
+        else:
+            parts, start = [], 0
+            for n, count in equal_runs(lengths):
+                stop = start + n * count
+                q_, k_, v_ = (self._heads(t[start:stop].view(count, n, -1)) for t in (q, k, v))
+                flow = self._flow(q_, k_, v_, None)  # [count, H, n, Dh]
+                parts.append(flow.transpose(1, 2).reshape(stop - start, -1))
+                start = stop
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.dropout(self.out_projection(out))
+
+    def _flow(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Flow-Attention of heads ``[B, H, L, Dh]`` (q, k after the sigmoid): ``[B, H, L, Dh]``."""
+        b, _, n, _ = q.shape
         if mask is not None:
             # Zeroed queries / keys drop out of every sum over positions below, so a padded
             # sentence gives the same numbers as the same sentence alone.
@@ -87,7 +124,7 @@ class FlowAttention(nn.Module):
             k = k * keep
             n_valid = mask.sum(dim=1).to(q.dtype)[:, None, None]  # [B, 1, 1]
         else:
-            n_valid = torch.full((b, 1, 1), float(n), dtype=q.dtype, device=x.device)
+            n_valid = torch.full((b, 1, 1), float(n), dtype=q.dtype, device=q.device)
         eps = self.eps
         q_eps, k_eps = q + eps, k + eps  # each used twice below
         # incoming / outgoing flow of each sink (query) and source (key)
@@ -106,9 +143,7 @@ class FlowAttention(nn.Module):
         kv = k.transpose(-2, -1) @ (v * competition[..., None])  # [B, H, Dh, Dh]
         # in place, in the same order as (q @ kv) * incoming * allocation: same numbers,
         # no extra [B, H, L, Dh] buffers
-        out = (q @ kv).mul_(incoming[..., None]).mul_(allocation[..., None])
-        out = out.transpose(1, 2).reshape(b, n, d)
-        return self.dropout(self.out_projection(out))
+        return (q @ kv).mul_(incoming[..., None]).mul_(allocation[..., None])
 
 
 class FlowformerLayer(nn.Module):
@@ -139,8 +174,18 @@ class FlowformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout1(self.self_attn(self.norm1(x), mask))
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        lengths: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """``[B, L, d]`` padded sentences, or packed ``[N, d]`` ones with ``lengths``.
+
+        See :meth:`FlowAttention.forward` for ``mask`` and ``lengths``.
+        """
+        x = x + self.dropout1(self.self_attn(self.norm1(x), mask, lengths=lengths))
         return x + self._ff_block(self.norm2(x))
 
 
@@ -166,19 +211,29 @@ class FlowformerEncoder(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, n_layers: int | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        n_layers: int | None = None,
+        *,
+        lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Run the stack (or its first ``n_layers`` layers).
 
         Parameters
         ----------
         x
-            ``[B, L, d_model]``.
+            ``[B, L, d_model]``, or with ``lengths`` the cells of several sentences one after
+            another ``[N, d_model]``.
         mask
             ``[B, L]`` bool, ``True`` = real cell; ``None`` when nothing is padded.
         n_layers
             Stop after this many layers (``0`` returns ``x``); ``None``: all.
+        lengths
+            Lengths of the packed sentences (they sum to ``N``): every per-cell step runs on
+            the real cells only, the attention within each sentence (sentences of one length
+            at once). Order the sentences by length to make those runs long.
         """
         for layer in self.layers[:n_layers]:
-            x = layer(x, mask)
+            x = layer(x, mask, lengths=lengths)
         return x
