@@ -34,6 +34,7 @@ from scfm.data._cellfm_tokenize import (
     cellfm_tokenize,
 )
 from scfm.errors import CheckpointFormatError
+from scfm.module._checks import is_real
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._retention import CrossRetentionLayer, RetentionLayer
 
@@ -171,8 +172,7 @@ class CellFMConfig:
                 )
         for name in ("enc_dropout", "mask_ratio"):
             value = getattr(self, name)
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not ok or not 0.0 <= float(value) < 1.0:
+            if not is_real(value) or not 0.0 <= float(value) < 1.0:
                 raise CheckpointFormatError(f"CellFM config {name}={value!r} must be in [0, 1).")
         if self.enc_dims % self.enc_num_heads:
             raise CheckpointFormatError(

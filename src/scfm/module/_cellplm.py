@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
@@ -26,6 +25,7 @@ from torch import nn
 
 from scfm.data._loader import GENE_COLUMNS_KEY, TABLE_ROW_SUFFIX
 from scfm.errors import CheckpointFormatError, InvalidInputError
+from scfm.module._checks import is_int, is_real
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._flowformer import FlowformerEncoder
 from scfm.nn._gmvae import GMVAELatent, VAELatent
@@ -497,24 +497,15 @@ _TASK_OPTIONS: dict[str, dict[str, Any]] = {
 _OUTPUTS = ("embedding", "pre_latent", "cluster_logits", "cluster")
 
 
-def _int(value: Any) -> bool:
-    # bool is an int subclass, but an option set to True is a mistake, not 1
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _num(value: Any) -> bool:
-    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
-
-
 #: Checks of the call options: (accepts the value, what to pass instead).
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sentence": (lambda v: v in ("batch", "spatial"), "'batch' or 'spatial'"),
-    "chunk_size": (lambda v: v is None or (_int(v) and v >= 1), "None or an int >= 1"),
-    "tile_size": (lambda v: v is None or (_num(v) and v > 0), "None or a positive number"),
-    "seed": (lambda v: v is None or (_int(v) and v >= 0), "None or an int >= 0"),
+    "chunk_size": (lambda v: v is None or (is_int(v) and v >= 1), "None or an int >= 1"),
+    "tile_size": (lambda v: v is None or (is_real(v) and v > 0), "None or a positive number"),
+    "seed": (lambda v: v is None or (is_int(v) and v >= 0), "None or an int >= 0"),
     "output": (lambda v: v in _OUTPUTS, f"one of {_OUTPUTS}"),
     "rescale": (lambda v: isinstance(v, bool), "True or False"),
-    "mask_node_rate": (lambda v: v is None or (_num(v) and 0 <= v <= 1), "None or in [0, 1]"),
+    "mask_node_rate": (lambda v: v is None or (is_real(v) and 0 <= v <= 1), "None or in [0, 1]"),
     "measured_genes": (lambda v: v is None or isinstance(v, Mapping), "a dict {label: genes}"),
 }
 
@@ -611,7 +602,7 @@ class CellPLMModule(BaseModuleClass):
         rules = {
             **_RULES,
             "hidden_layer": (
-                lambda v: v is None or (_int(v) and -n - 1 <= v <= n),
+                lambda v: v is None or (is_int(v) and -n - 1 <= v <= n),
                 f"an int <= {n}",
             ),
         }

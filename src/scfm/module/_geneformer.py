@@ -12,7 +12,6 @@ what a release may carry or lack is declared in the load rules of :class:`Genefo
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal
@@ -26,6 +25,7 @@ from torch import nn
 
 from scfm.data._geneformer_tokenizer import V1_INPUT_SIZE, V2_INPUT_SIZE, rank_value_encode
 from scfm.errors import CheckpointFormatError, InvalidInputError
+from scfm.module._checks import is_int, is_real
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._bert import (
     _ACTIVATIONS,
@@ -137,7 +137,7 @@ class GeneformerConfig(BertConfigBase):
         default = DEFAULT_INPUT_SIZE.get(variant, V1_INPUT_SIZE)
         positions = values.setdefault("max_position_embeddings", default)
         # A small model (test checkpoints) takes at most as many tokens as it has positions.
-        values.setdefault("input_size", min(default, positions) if _is_int(positions) else default)
+        values.setdefault("input_size", min(default, positions) if is_int(positions) else default)
         return cls(**values).validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +161,7 @@ class GeneformerConfig(BertConfigBase):
             )
         for key, limit in _MAX_SIZES.items():
             value = getattr(self, key)
-            if not _is_int(value):
+            if not is_int(value):
                 raise CheckpointFormatError(
                     f"Geneformer config {key}={value!r} must be an integer, got "
                     f"{type(value).__name__}."
@@ -171,7 +171,7 @@ class GeneformerConfig(BertConfigBase):
                     f"Geneformer config {key}={value} is out of range (1 .. {limit:,}); the "
                     "config file is damaged or belongs to another model."
                 )
-        if not _is_int(self.type_vocab_size) or not 0 <= self.type_vocab_size <= 16:
+        if not is_int(self.type_vocab_size) or not 0 <= self.type_vocab_size <= 16:
             raise CheckpointFormatError(
                 f"Geneformer config type_vocab_size={self.type_vocab_size!r} must be an "
                 "integer in 0 .. 16."
@@ -193,20 +193,20 @@ class GeneformerConfig(BertConfigBase):
             )
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "mlm_probability"):
             value = getattr(self, key)
-            if not _is_number(value) or not 0 <= value < 1:
+            if not is_real(value) or not 0 <= value < 1:
                 raise CheckpointFormatError(
                     f"Geneformer config {key}={value!r} must be a number in [0, 1)."
                 )
         for key in ("layer_norm_eps", "initializer_range"):
             value = getattr(self, key)
-            if not _is_number(value) or not 0 < value < 1:
+            if not is_real(value) or not 0 < value < 1:
                 raise CheckpointFormatError(
                     f"Geneformer config {key}={value!r} must be a number in (0, 1)."
                 )
         for key in ("pad_token_id", "mask_token_id", "cls_token_id", "eos_token_id"):
             value = getattr(self, key)
             optional = key in ("cls_token_id", "eos_token_id")
-            if (value is None and optional) or (_is_int(value) and 0 <= value < self.vocab_size):
+            if (value is None and optional) or (is_int(value) and 0 <= value < self.vocab_size):
                 continue
             raise CheckpointFormatError(
                 f"Geneformer config {key}={value!r} must be a token id in 0 .. "
@@ -273,20 +273,8 @@ class GeneformerConfig(BertConfigBase):
         }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float | np.number)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
 def _int_or_zero(value: Any) -> int:
-    return int(value) if _is_int(value) else 0
+    return int(value) if is_int(value) else 0
 
 
 class GeneformerModule(BaseModuleClass):

@@ -28,6 +28,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from scfm.errors import CheckpointFormatError, InvalidInputError
+from scfm.module._checks import is_real
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._bert import (
     BertConfig,
@@ -161,13 +162,13 @@ class ScCelloConfig(BertConfigBase):
             raise bad("pad_token_id", f"is outside the vocabulary [0, {self.vocab_size})")
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, key)
-            if not _is_real(value) or not 0 <= value < 1:
+            if not is_real(value) or not 0 <= value < 1:
                 raise bad(key, "is not a probability in [0, 1)")
         for key in ("layer_norm_eps", "tau"):
             value = getattr(self, key)
-            if not _is_real(value) or not 0 < value < math.inf:
+            if not is_real(value) or not 0 < value < math.inf:
                 raise bad(key, "is not a positive number")
-        if not _is_real(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
+        if not is_real(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
             raise bad("initializer_range", "is not a non-negative number")
         if not isinstance(self.hidden_act, str):
             raise bad("hidden_act", "is not a string")
@@ -239,10 +240,6 @@ class ScCelloConfig(BertConfigBase):
     def bert_options(self) -> dict[str, Any]:
         """Post-LN BERT without token types (scCello feeds no segment ids)."""
         return {"type_vocab_size": 0}
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def rank_value_tokens(
