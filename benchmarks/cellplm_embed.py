@@ -15,13 +15,21 @@ so the reference reads them as ONE sentence; then runs each side in its own proc
   whole (preprocessing + forward), model loading excluded.
 * ``mirror`` (no checkout): the reference forward written here in torch: sparse
   ``log1p(X) @ E``, Linear-ReLU-GroupNorm, 4 pre-LN Flowformer layers over the whole
-  sentence, LayerNorm, VAE ``mu`` (and the unused ``sigma``, which the reference computes).
+  sentence, LayerNorm, VAE ``mu`` (and the unused ``sigma``, which the reference computes),
+  one forward pass per sentence as the reference.
+
+``--sentences K`` spreads the cells over ``K`` random ``batch`` values: ``K`` sentences of
+unequal length, which the reference runs one forward pass each (the runner's
+``cellplm-sentences`` line, ``K = 200``).
 
     python benchmarks/cellplm_embed.py [--cells 2000] [--quick] [--reference-dir PATH]
+        [--sentences K]
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -94,7 +102,7 @@ def write_release(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def write_data(path: Path, _release: Path, n_cells: int, seed: int = 3) -> Path:
+def write_data(path: Path, _release: Path, n_cells: int, seed: int = 3, sentences: int = 1) -> Path:
     import anndata as ad
     import numpy as np
     import pandas as pd
@@ -105,7 +113,10 @@ def write_data(path: Path, _release: Path, n_cells: int, seed: int = 3) -> Path:
     rng = np.random.default_rng(seed)
     genes = sorted(rng.choice(genes, N_GENES, replace=False).tolist())
     x = C.synthetic_counts(n_cells, N_GENES, N_EXPRESSED, seed=seed)
-    obs = pd.DataFrame({"batch": ["sample0"] * n_cells}, index=[f"cell{i}" for i in range(n_cells)])
+    batch = ["sample0"] * n_cells
+    if sentences > 1:  # cells of all sentences interleaved, sentences of unequal length
+        batch = [f"sample{i}" for i in np.random.default_rng(seed).integers(0, sentences, n_cells)]
+    obs = pd.DataFrame({"batch": batch}, index=[f"cell{i}" for i in range(n_cells)])
     ad.AnnData(x, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
     return path
 
@@ -181,11 +192,37 @@ def _flow_attention(x, p, pre: str, heads: int, eps: float = 1e-6):
     return F.linear(out, p[f"{pre}.out_projection.weight"], p[f"{pre}.out_projection.bias"])
 
 
-def worker_mirror(args) -> None:
-    import anndata as ad
+def _mirror_sentence(x, table, p: dict, layers: int):
+    """The reference forward over one sentence: counts ``x`` (scipy, cells x genes) -> ``mu``."""
     import numpy as np
     import torch
     import torch.nn.functional as F
+
+    x = x.tocoo()
+    xs = torch.sparse_coo_tensor(
+        np.vstack([x.row, x.col]), np.log1p(x.data), x.shape, dtype=torch.float32
+    )
+    h = torch.sparse.mm(xs, table)
+    h = F.relu(F.linear(h, p["embedder.extra_linear.0.weight"], p["embedder.extra_linear.0.bias"]))
+    h = F.group_norm(h, 4, p["embedder.extra_linear.3.weight"], p["embedder.extra_linear.3.bias"])
+    for i in range(layers):
+        pre = f"encoder.layers.{i}"
+        y = F.layer_norm(h, (ENC,), p[f"{pre}.norm1.weight"], p[f"{pre}.norm1.bias"])
+        h = h + _flow_attention(y, p, f"{pre}.self_attn", HEADS)
+        y = F.layer_norm(h, (ENC,), p[f"{pre}.norm2.weight"], p[f"{pre}.norm2.bias"])
+        y = F.gelu(F.linear(y, p[f"{pre}._ff_block.0.weight"], p[f"{pre}._ff_block.0.bias"]))
+        h = h + F.linear(y, p[f"{pre}._ff_block.3.weight"], p[f"{pre}._ff_block.3.bias"])
+    h = F.layer_norm(h, (ENC,), p["pre_latent_norm.norm.weight"], p["pre_latent_norm.norm.bias"])
+    z = F.linear(h, p["latent.layers.1.hid_2mu.weight"], p["latent.layers.1.hid_2mu.bias"])
+    F.linear(h, p["latent.layers.1.hid_2sigma.weight"], p["latent.layers.1.hid_2sigma.bias"])
+    return z
+
+
+def worker_mirror(args) -> None:
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import torch
 
     C.set_threads(args.threads)
     rel = Path(args.release)
@@ -197,34 +234,37 @@ def worker_mirror(args) -> None:
     with C.Timer() as t, torch.no_grad():
         keep = [j for j, g in enumerate(adata.var_names) if g in index]
         rows = torch.as_tensor([index[adata.var_names[j]] for j in keep])
-        x = adata.X[:, keep].tocoo()
-        xs = torch.sparse_coo_tensor(
-            np.vstack([x.row, x.col]), np.log1p(x.data), x.shape, dtype=torch.float32
-        )
-        h = torch.sparse.mm(xs, p["embedder.feat_enc.emb"][rows])
-        h = F.relu(
-            F.linear(h, p["embedder.extra_linear.0.weight"], p["embedder.extra_linear.0.bias"])
-        )
-        h = F.group_norm(
-            h, 4, p["embedder.extra_linear.3.weight"], p["embedder.extra_linear.3.bias"]
-        )
-        for i in range(cfg["enc_layers"]):
-            pre = f"encoder.layers.{i}"
-            y = F.layer_norm(h, (ENC,), p[f"{pre}.norm1.weight"], p[f"{pre}.norm1.bias"])
-            h = h + _flow_attention(y, p, f"{pre}.self_attn", HEADS)
-            y = F.layer_norm(h, (ENC,), p[f"{pre}.norm2.weight"], p[f"{pre}.norm2.bias"])
-            y = F.gelu(F.linear(y, p[f"{pre}._ff_block.0.weight"], p[f"{pre}._ff_block.0.bias"]))
-            h = h + F.linear(y, p[f"{pre}._ff_block.3.weight"], p[f"{pre}._ff_block.3.bias"])
-        h = F.layer_norm(
-            h, (ENC,), p["pre_latent_norm.norm.weight"], p["pre_latent_norm.norm.bias"]
-        )
-        z = F.linear(h, p["latent.layers.1.hid_2mu.weight"], p["latent.layers.1.hid_2mu.bias"])
-        F.linear(h, p["latent.layers.1.hid_2sigma.weight"], p["latent.layers.1.hid_2sigma.bias"])
+        table = p["embedder.feat_enc.emb"][rows]
+        x = adata.X[:, keep].tocsr()
+        batch = adata.obs["batch"].to_numpy()
+        z = torch.empty(adata.n_obs, POST)
+        for label in pd.unique(batch):  # one forward pass per sentence, as the reference
+            cells = np.flatnonzero(batch == label)
+            z[torch.as_tensor(cells)] = _mirror_sentence(x[cells], table, p, cfg["enc_layers"])
     C.report_embedding(args.out, z.numpy(), t.seconds, peak)
 
 
+def add_sentences(parser: argparse.ArgumentParser) -> None:
+    """This script's own option: how many sentences (``batch`` values) the cells form."""
+    parser.add_argument(
+        "--sentences", type=int, default=1, help="batch values the cells are spread over"
+    )
+
+
+def benchmark(args: argparse.Namespace) -> C.EmbeddingBenchmark:
+    """:data:`BENCHMARK`, on an input of ``--sentences`` sentences (same release)."""
+    k = args.sentences
+    if k <= 1:
+        return BENCHMARK
+    return dataclasses.replace(
+        BENCHMARK,
+        write_data=lambda path, release, n: write_data(path, release, n, sentences=k),
+        data_tag=f"-s{k}",
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return C.embedding_main(argv, sys.modules[__name__], BENCHMARK)
+    return C.embedding_main(argv, sys.modules[__name__], benchmark, add_options=add_sentences)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ MODELS: dict[str, tuple[str, list[str], str]] = {
     "cellfm": ("cellfm_embed.py", [], "cellfm"),
     "sccello": ("sccello_embed.py", [], "sccello"),
     "cellplm": ("cellplm_embed.py", [], "cellplm"),
+    "cellplm-sentences": ("cellplm_embed.py", ["--sentences", "200"], "cellplm"),
     "geneformer-perturb": ("geneformer_perturbation.py", [], "geneformer"),
 }
 
