@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 
@@ -104,6 +105,7 @@ def test_module_checks_call_options_against_the_architecture():
         module = scfm.module.CellPLMModule(config)
     sentence = {"sentence": "batch", "chunk_size": None, "tile_size": None}
     assert module.check_options("genes") == sentence
+    assert module.check_options("genes", tile_size=np.float32(2.5))["tile_size"] == 2.5
     assert module.check_options("latent", hidden_layer=-3, seed=np.int64(1)) == {
         **sentence, "hidden_layer": -3, "output": "embedding", "seed": 1
     }  # fmt: skip
@@ -116,6 +118,8 @@ def test_module_checks_call_options_against_the_architecture():
         ("expression", {"chunk_size": 0}, "chunk_size=0: use None or an int >= 1"),
         ("train", {"mask_node_rate": 1.5}, r"use None or in \[0, 1\]"),
         ("train", {"sentence": "tiles"}, "'batch' or 'spatial'"),
+        ("latent", {"tile_size": math.inf}, "tile_size=inf: use None or a positive number"),
+        ("train", {"mask_node_rate": np.float32("nan")}, r"mask_node_rate=.*nan.*: use None"),
     ]:
         with pytest.raises(InvalidInputError, match=match):
             module.check_options(task, **options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import anndata as ad
 import numpy as np
@@ -166,3 +167,14 @@ def test_spatial_checks(pbmc):
     pbmc.obsm["spatial"] = np.zeros((pbmc.n_obs, 1))
     with pytest.raises(SpatialCoordinateError, match="shape"):
         check_spatial(pbmc, "spatial")
+
+
+def test_shared_number_predicates_refuse_bools_and_non_finite_values():
+    """One definition of an integer / a real option value for every module's checks."""
+    from scfm.module._checks import is_int, is_real
+
+    assert is_int(3) and is_int(np.int64(3)) and not is_int(True) and not is_int(3.0)
+    assert is_real(0.5) and is_real(np.float32(0.5)) and is_real(np.int8(2)) and is_real(1)
+    for value in (True, np.bool_(True), math.inf, -math.inf, math.nan, np.float32("nan"), "1"):
+        assert not is_real(value), value
+    assert not is_real(1 + 0j)
