@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -29,6 +28,7 @@ from scfm.errors import CheckpointFormatError, CheckpointNotFoundError, InvalidI
 from scfm.io._common import Release, resolve_local_path
 from scfm.io._mindspore import MindSporeCheckpoint
 from scfm.module._cellfm import VALUE_BINS, CellFMConfig
+from scfm.module._checks import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def config_from_shapes(
                 "retention heads> (the enc_num_heads of the config it was trained with)."
             )
         n_heads = RELEASED_NUM_HEADS[d]
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int | np.integer):
+    if not is_int(n_heads):
         raise InvalidInputError(f"n_heads must be an integer, got {n_heads!r}.")
     if n_heads < 1 or d % n_heads:
         # the head count is the one config value the file does not hold: checked against it

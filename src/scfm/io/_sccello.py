@@ -46,6 +46,7 @@ from scfm.io._common import (
     load_torch_file,
     resolve_local_path,
 )
+from scfm.module._checks import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def validate_vocabulary(
     """
     out: dict[str, int] = {}
     for name, token in tokens.items():
-        if isinstance(token, bool) or not isinstance(token, int | np.integer):
+        if not is_int(token):
             raise CheckpointFormatError(
                 f"The {what} token dictionary maps {name!r} to {token!r}, not an integer id."
             )
@@ -387,9 +388,7 @@ def _read_labels(data: Path, branch: str) -> tuple[list[str] | None, dict[str, s
     if not label_file.is_file():
         return None, {}
     clid2label = load_pickle_dict(label_file, what="scCello label map")
-    if not all(
-        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in clid2label.values()
-    ):
+    if not all(is_int(v) for v in clid2label.values()):
         raise CheckpointFormatError(f"{str(label_file)!r} does not map CL ids to integer labels.")
     ids = sorted(int(v) for v in clid2label.values())
     if ids != list(range(len(ids))):

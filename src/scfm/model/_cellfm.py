@@ -23,6 +23,7 @@ from scfm.io._cellfm import GENE_ROW_MULTIPLE, read_cellfm_release
 from scfm.io._common import load_state_dict_strict
 from scfm.model.base import FoundationModelMixin, scfm_dsp
 from scfm.module._cellfm import PLAN_DEPTH, PLAN_SEED, CellFMConfig, CellFMModule
+from scfm.module._checks import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,7 @@ class CellFM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 f"{', '.join(sorted(_TASK_OPTIONS[task])) or 'none'}."
             )
         seed = options.get("seed", 0)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0
-        ):
+        if seed is not None and (not is_int(seed) or seed < 0):
             raise InvalidInputError(f"seed must be a non-negative integer or None, got {seed!r}.")
         if task == "train":
             return {"thin": self.config.read_depth_augment}
@@ -232,7 +231,7 @@ class CellFM(FoundationModelMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return {**kwargs, "decoder": decoder, "mask": ratio > 0, "mask_ratio": float(ratio)}
         n_states = self.config.enc_nlayers + 1
         layer = options.get("hidden_layer", -1)
-        if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+        if not is_int(layer):
             raise InvalidInputError(f"hidden_layer must be an integer, got {layer!r}.")
         if not -n_states <= layer < n_states:
             raise InvalidInputError(

@@ -34,7 +34,7 @@ from scfm.data._cellfm_tokenize import (
     cellfm_tokenize,
 )
 from scfm.errors import CheckpointFormatError
-from scfm.module._checks import is_real
+from scfm.module._checks import is_int, is_real
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._retention import CrossRetentionLayer, RetentionLayer
 
@@ -155,7 +155,7 @@ class CellFMConfig:
             value = getattr(self, name)
             if name == "max_tokens" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            if not is_int(value):
                 raise CheckpointFormatError(
                     f"CellFM config {name}={value!r} must be an integer, not "
                     f"{type(value).__name__}."

@@ -433,7 +433,7 @@ class GeneformerModule(BaseModuleClass):
     def resolve_layer(self, hidden_layer: int) -> int:
         """Index into ``(embedding output, layer 1, ..., layer N)``, Python style."""
         n = self.n_layers + 1
-        if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int | np.integer):
+        if not is_int(hidden_layer):
             raise InvalidInputError(f"hidden_layer must be an integer, got {hidden_layer!r}.")
         if not -n <= hidden_layer < n:
             raise InvalidInputError(

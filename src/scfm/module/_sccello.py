@@ -28,7 +28,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from scfm.errors import CheckpointFormatError, InvalidInputError
-from scfm.module._checks import is_real
+from scfm.module._checks import is_int, is_real
 from scfm.module._outputs import ModuleOutput
 from scfm.nn._bert import (
     BertConfig,
@@ -542,7 +542,7 @@ class ScCelloModule(BaseModuleClass):
         out: dict[str, Any] = {"token_states": False} if task in ("latent", "predict") else {}
         if hidden_layer is not None:
             n = self.n_layers + 1
-            if isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int | np.integer):
+            if not is_int(hidden_layer):
                 raise InvalidInputError(f"hidden_layer must be an integer, got {hidden_layer!r}.")
             if not -n <= hidden_layer < n:
                 raise InvalidInputError(

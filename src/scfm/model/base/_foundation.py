@@ -70,6 +70,7 @@ from scfm.model.base._classifier import ClassifierMixin
 from scfm.model.base._docs import scfm_dsp
 from scfm.model.base._save import SafeSaveMixin
 from scfm.model.base._training import CellDataSplitter, PretrainingPlan, ScfmTrainRunner
+from scfm.module._checks import is_int
 from scfm.module._outputs import ModuleOutput
 
 logger = logging.getLogger(__name__)
@@ -646,7 +647,7 @@ class FoundationModelMixin(ClassifierMixin, SafeSaveMixin):
         adata = self._validate_anndata(adata)
         kwargs = self._inference_kwargs(task, **options)
         batch_size = self._default_batch_size if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        if not is_int(batch_size):
             raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}.")
